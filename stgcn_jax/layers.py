@@ -1,0 +1,298 @@
+"""Building blocks of ST-GCN / STGCN++ in Flax NNX, channels last.
+
+Mirrors ``mmaction.models.backbones.stgcn`` and ``mmaction.models.utils.gcn_utils`` (identical in pyskl):
+``unit_gcn``, ``unit_tcn``, ``mstcn`` and the PyTorch ``BatchNorm`` training semantics they rely on.
+
+Shape letters: B = N·M (samples × persons folded), T frames, V joints (W: joints after aggregation),
+C channels, K adjacency subsets. Activations are ``(B, T, V, C)``.
+
+Submodule and parameter names follow the PyTorch state-dict keys where the key is a name; where PyTorch uses a
+``Sequential`` index the attribute gets a descriptive name and ``stgcn_jax.convert`` holds the table.
+Kernels are stored channels last: a 1×1 conv is ``(C_in, C_out)``, a temporal conv ``(K_t, C_in, C_out)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) · old + m · batch. (Flax's momentum 0.9.)
+
+
+class Buffer(nnx.Variable):
+  """A non-trainable tensor that is part of the model state (a PyTorch ``register_buffer``)."""
+
+
+# --------------------------------------------------------------------------------------------- initialisers
+def _torch_default_uniform(fan_in: int):
+  """PyTorch's default Conv/Linear init (kaiming_uniform with a=√5): U(±1/√fan_in), for weight and bias."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _kaiming_normal_fan_out(fan_out: int):
+  """mmengine ``Kaiming(mode='fan_out')`` as used by ``unit_tcn``: N(0, 2/fan_out)."""
+  std = math.sqrt(2.0 / fan_out)
+  def init(key, shape, dtype):
+    return std * jax.random.normal(key, shape, dtype)
+  return init
+
+
+# --------------------------------------------------------------------------------------------------- layers
+class BatchNorm(nnx.Module):
+  """BatchNorm over the last axis with PyTorch semantics.
+
+  Training normalises with the biased batch variance and updates ``var`` with the unbiased one; momentum 0.1
+  in PyTorch's convention. ``groups`` splits the leading axis into that many equal, contiguous groups, each
+  normalised with its own statistics, as un-synchronised BatchNorm does per GPU; the running statistics move
+  towards the mean of the group statistics. Statistics are computed in at least float32.
+  """
+
+  def __init__(self, num_features: int, *, param_dtype: Dtype = jnp.float32):
+    self.num_features = num_features
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+    self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))  # PyTorch's counter, kept for export
+
+  def __call__(self, x: Array, *, train: bool, groups: int = 1) -> Array:
+    out_dtype = x.dtype
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(stat_dtype)
+    scale, bias = self.scale[...].astype(stat_dtype), self.bias[...].astype(stat_dtype)
+    if not train:
+      inv = jax.lax.rsqrt(self.var[...].astype(stat_dtype) + BN_EPS) * scale
+      return (x * inv + (bias - self.mean[...].astype(stat_dtype) * inv)).astype(out_dtype)
+    if x.shape[0] % groups:
+      raise ValueError(f'BatchNorm: leading axis {x.shape[0]} is not divisible into {groups} statistics groups')
+    xg = x.reshape(groups, -1, x.shape[-1])                    # (G, rows per group, C)
+    n = xg.shape[1]
+    mean = xg.mean(axis=1, keepdims=True)                      # (G, 1, C)
+    var = jnp.square(xg - mean).mean(axis=1, keepdims=True)   # biased, used to normalise
+    y = (xg - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
+    m = BN_MOMENTUM
+    unbiased = var * (n / max(n - 1, 1))
+    self.mean[...] = ((1 - m) * self.mean[...] + m * mean.mean(axis=(0, 1))).astype(self.mean[...].dtype)
+    self.var[...] = ((1 - m) * self.var[...] + m * unbiased.mean(axis=(0, 1))).astype(self.var[...].dtype)
+    self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+class Conv1x1(nnx.Module):
+  """A 1×1 convolution (a matmul over channels) with bias, optional temporal stride."""
+
+  def __init__(self, c_in: int, c_out: int, *, stride: int = 1, kaiming: bool = False,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    w_init = _kaiming_normal_fan_out(c_out) if kaiming else _torch_default_uniform(c_in)
+    b_init = (lambda k, s, d: jnp.zeros(s, d)) if kaiming else _torch_default_uniform(c_in)
+    self.kernel = nnx.Param(w_init(rngs.params(), (c_in, c_out), param_dtype))
+    self.bias = nnx.Param(b_init(rngs.params(), (c_out,), param_dtype))
+    self.stride = stride
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    if self.stride > 1:
+      x = x[:, ::self.stride]                                  # (B, T/s, V, C_in)
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+
+
+def temporal_taps(x: Array, kernel_size: int, *, stride: int, dilation: int, pad_value: float = 0.0) -> list[Array]:
+  """The ``kernel_size`` frame-shifted views of ``x`` (B, T, V, C) a temporal window of that size sees.
+
+  Zero-padded by ``dilation · (kernel_size - 1) / 2`` frames on each side like PyTorch's symmetric padding;
+  each view has the output length ``T_out = (T + 2·pad − dilation·(kernel_size − 1) − 1) // stride + 1``.
+  Written as slices (not ``conv_general_dilated`` / ``reduce_window``) because their gradients are plain
+  pads and adds, which XLA compiles well on every backend.
+  """
+  pad = (dilation * (kernel_size - 1)) // 2
+  t = x.shape[1]
+  t_out = (t + 2 * pad - dilation * (kernel_size - 1) - 1) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)), constant_values=pad_value)
+  span = (t_out - 1) * stride + 1
+  return [xp[:, k * dilation:k * dilation + span:stride] for k in range(kernel_size)]
+
+
+class TemporalConv(nnx.Module):
+  """A ``(kernel_size, 1)`` convolution over frames with bias, dilation and stride (a ``unit_tcn`` conv)."""
+
+  def __init__(self, c_in: int, c_out: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_kaiming_normal_fan_out(c_out * kernel_size)(
+        rngs.params(), (kernel_size, c_in, c_out), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((c_out,), param_dtype))
+    self.kernel_size, self.stride, self.dilation, self.dtype = kernel_size, stride, dilation, dtype
+
+  def __call__(self, x: Array) -> Array:
+    if self.kernel_size == 1:
+      taps = [x[:, ::self.stride]]
+    else:
+      taps = temporal_taps(x, self.kernel_size, stride=self.stride, dilation=self.dilation)
+    kt, c_in, c_out = self.kernel[...].shape
+    xs = jnp.concatenate(taps, axis=-1).astype(self.dtype)     # (B, T_out, V, K_t·C_in), tap-major
+    w = self.kernel[...].reshape(kt * c_in, c_out).astype(self.dtype)
+    return jnp.dot(xs, w) + self.bias[...].astype(self.dtype)
+
+
+def max_pool_time(x: Array, *, stride: int) -> Array:
+  """``MaxPool2d((3, 1), stride=(stride, 1), padding=(1, 0))``: padding counts as −inf."""
+  prev, cur, nxt = temporal_taps(x, 3, stride=stride, dilation=1, pad_value=-jnp.inf)
+  # Ties are common (an absent person repeats the same frame), so the gradient rule matters: like PyTorch,
+  # route it to the first maximal frame of the window only (jnp.maximum would split it between tied frames).
+  m = jnp.maximum(jnp.maximum(prev, cur), nxt)
+  first, second = prev == m, cur == m
+  return jnp.where(first, prev, jnp.where(second, cur, nxt))
+
+
+def dropout(x: Array, rate: float, *, train: bool, rng: Array | None) -> Array:
+  if rate == 0.0 or not train:
+    return x
+  if rng is None:
+    raise ValueError(f'dropout {rate} in training needs an rng key; pass rng=jax.random.key(...)')
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ GCN unit
+class UnitGCN(nnx.Module):
+  """Spatial graph convolution ``unit_gcn``: 1×1 conv to K·C_out, aggregate over joints with ``A``, BN, ReLU.
+
+  ``adaptive``: ``'init'`` (A is a learned parameter initialised from the graph, STGCN++), ``'importance'``
+  (a fixed A times a learned PA initialised to 1, ST-GCN), ``'offset'`` (A + PA, PA ~ U(±1e-6)) or ``None``
+  (fixed A). ``conv_pos='pre'`` convolves before aggregating (output channel ``k·C_out + c``), ``'post'``
+  aggregates first (input channel ``k·C_in + c``). ``with_res`` adds ``down(x)``: a 1×1 conv + BN when the
+  widths differ, else the identity.
+  """
+
+  def __init__(self, c_in: int, c_out: int, adjacency: np.ndarray, *, adaptive: str | None = 'init',
+               conv_pos: str = 'pre', with_res: bool = True, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if adaptive not in (None, 'init', 'importance', 'offset'):
+      raise ValueError(f"gcn adaptive must be None, 'init', 'importance' or 'offset', got {adaptive!r}")
+    if conv_pos not in ('pre', 'post'):
+      raise ValueError(f"gcn conv_pos must be 'pre' or 'post', got {conv_pos!r}")
+    a = jnp.asarray(adjacency, param_dtype)
+    k = a.shape[0]
+    self.adaptive, self.conv_pos, self.with_res = adaptive, conv_pos, with_res
+    self.num_subsets, self.c_out, self.dtype = k, c_out, dtype
+    self.A = nnx.Param(a) if adaptive == 'init' else Buffer(a)
+    if adaptive == 'importance':
+      self.PA = nnx.Param(jnp.ones_like(a))
+    elif adaptive == 'offset':
+      self.PA = nnx.Param(jax.random.uniform(rngs.params(), a.shape, param_dtype, -1e-6, 1e-6))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if conv_pos == 'pre':
+      self.conv = Conv1x1(c_in, k * c_out, **kw)
+    else:
+      self.conv = Conv1x1(k * c_in, c_out, **kw)
+    self.bn = BatchNorm(c_out, param_dtype=param_dtype)
+    if with_res and c_in != c_out:
+      self.down_conv = Conv1x1(c_in, c_out, **kw)
+      self.down_bn = BatchNorm(c_out, param_dtype=param_dtype)
+    else:
+      self.down_conv = self.down_bn = None
+
+  def adjacency(self) -> Array:
+    a = self.A[...]
+    if self.adaptive == 'importance':
+      return a * self.PA[...]
+    if self.adaptive == 'offset':
+      return a + self.PA[...]
+    return a
+
+  def __call__(self, x: Array, *, train: bool, groups: int = 1) -> Array:
+    b, t, v, _ = x.shape
+    a = self.adjacency().astype(self.dtype)                    # (K, V, W)
+    if self.conv_pos == 'pre':
+      y = self.conv(x).reshape(b, t, v, self.num_subsets, self.c_out)   # (B, T, V, K·C) -> K-major split
+      y = jnp.einsum('btvkc,kvw->btwc', y, a)                  # aggregate over subsets and source joints
+    else:
+      y = jnp.einsum('btvc,kvw->btwkc', x.astype(self.dtype), a)
+      y = self.conv(y.reshape(b, t, v, -1))                    # (B, T, W, K·C_in), K-major like torch's view
+    y = self.bn(y, train=train, groups=groups)
+    if self.with_res:
+      if self.down_conv is not None:
+        y = y + self.down_bn(self.down_conv(x), train=train, groups=groups)
+      else:
+        y = y + x.astype(y.dtype)
+    return jax.nn.relu(y)
+
+
+# ----------------------------------------------------------------------------------------------- TCN units
+class UnitTCN(nnx.Module):
+  """``unit_tcn``: a ``(kernel_size, 1)`` temporal conv, BN and dropout (also the 1×1 strided residual)."""
+
+  def __init__(self, c_in: int, c_out: int, kernel_size: int = 9, *, stride: int = 1, dropout: float = 0.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.conv = TemporalConv(c_in, c_out, kernel_size, stride=stride, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+    self.bn = BatchNorm(c_out, param_dtype=param_dtype)
+    self.dropout = dropout
+
+  def __call__(self, x: Array, *, train: bool, groups: int = 1, rng: Array | None = None) -> Array:
+    return dropout(self.bn(self.conv(x), train=train, groups=groups), self.dropout, train=train, rng=rng)
+
+
+class MSTCNBranch(nnx.Module):
+  """One branch of ``mstcn``: 1×1 conv, BN, ReLU, then a dilated temporal conv (no BN) or a 3-frame max-pool.
+
+  PyTorch keys: ``branches.i.0`` = ``conv``, ``.1`` = ``bn``, ``.3.conv`` = ``tconv`` (absent for max-pool).
+  """
+
+  def __init__(self, c_in: int, c_mid: int, *, stride: int, dilation: int | None, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv = Conv1x1(c_in, c_mid, **kw)
+    self.bn = BatchNorm(c_mid, param_dtype=param_dtype)
+    self.tconv = None if dilation is None else TemporalConv(c_mid, c_mid, 3, stride=stride, dilation=dilation, **kw)
+    self.stride = stride
+
+  def __call__(self, x: Array, *, train: bool, groups: int) -> Array:
+    y = jax.nn.relu(self.bn(self.conv(x), train=train, groups=groups))
+    return max_pool_time(y, stride=self.stride) if self.tconv is None else self.tconv(y)
+
+
+MSTCN_DILATIONS = (1, 2, 3, 4)  # branches 0-3; branch 4 is the max-pool, branch 5 a strided 1×1 conv
+
+
+class MSTCN(nnx.Module):
+  """Multi-scale temporal convolution ``mstcn`` (STGCN++), six branches concatenated, then BN-ReLU-1×1-BN.
+
+  Each branch is ``C_out // 6`` wide except branch 0, which takes the remainder so the concatenation is
+  exactly ``C_out`` (64 → 14, 10, 10, 10, 10, 10).
+  """
+
+  def __init__(self, c_in: int, c_out: int, *, stride: int = 1, dropout: float = 0.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    num_branches = len(MSTCN_DILATIONS) + 2
+    mid = c_out // num_branches
+    widths = [c_out - mid * (num_branches - 1)] + [mid] * (num_branches - 1)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    branches = [MSTCNBranch(c_in, widths[i], stride=stride, dilation=d, **kw)
+                for i, d in enumerate(MSTCN_DILATIONS)]
+    branches.append(MSTCNBranch(c_in, widths[4], stride=stride, dilation=None, **kw))
+    self.branches = nnx.List(branches)
+    self.branch_1x1 = Conv1x1(c_in, widths[5], stride=stride, **kw)
+    self.transform_bn = BatchNorm(c_out, param_dtype=param_dtype)
+    self.transform_conv = Conv1x1(c_out, c_out, **kw)
+    self.bn = BatchNorm(c_out, param_dtype=param_dtype)
+    self.dropout = dropout
+
+  def __call__(self, x: Array, *, train: bool, groups: int = 1, rng: Array | None = None) -> Array:
+    outs = [branch(x, train=train, groups=groups) for branch in self.branches]
+    outs.append(self.branch_1x1(x))
+    y = jnp.concatenate(outs, axis=-1)                         # (B, T_out, V, C_out), branch-major
+    y = jax.nn.relu(self.transform_bn(y, train=train, groups=groups))
+    y = self.bn(self.transform_conv(y), train=train, groups=groups)
+    return dropout(y, self.dropout, train=train, rng=rng)
