@@ -1,0 +1,127 @@
+"""Orbax checkpoints: one format for training runs and for converted PyTorch checkpoints.
+
+A checkpoint directory holds numbered steps (``<dir>/<step>/``), each with the items
+
+* ``model``: ``{'params': ..., 'stats': ...}`` — the parameters and the BatchNorm statistics / buffers,
+* ``meta``: JSON — ``model_config`` (:class:`stgcn_jax.model.ModelConfig` as a dict), ``layout``,
+  ``feat`` (the modality), ``class_names`` where known, the training config, and ``source``,
+* ``opt`` (training only): ``{'opt_state': ..., 'step': ..., 'rng': ...}``,
+* ``data`` (training only): the Grain iterator state of each process.
+
+``stgcn_jax.test``, ``stgcn_jax.predict``, fine-tuning (``init_from``) and the notebook read ``model`` and
+``meta`` only, so a converted checkpoint (no ``opt``/``data``) and a training checkpoint load the same way.
+Orbax writes each step into a temporary directory and renames it when complete, so a step directory that
+exists is whole; an interrupted save leaves only a temporary directory that is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stgcn_jax.model import ModelConfig, Recognizer
+
+MODEL, META, OPT, DATA = 'model', 'meta', 'opt', 'data'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be used (absent, incomplete, another architecture...)."""
+
+
+def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, best_metric: str | None = None,
+            keep_best: int = 1, read_only: bool = False, async_save: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``directory``; with ``best_metric`` it also keeps the best steps by that metric."""
+  best_fn = None if best_metric is None else (lambda metrics: float(metrics.get(best_metric, -np.inf)))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep if best_metric is None else max_to_keep + keep_best if max_to_keep else None,
+      best_fn=best_fn, best_mode='max', keep_checkpoints_without_metrics=True,
+      enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, params, stats, meta: dict[str, Any], opt: Any = None,
+         data: Any = None, metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+  """Saves one step (asynchronously when the manager is async). Collective: every process must call it."""
+  items = {MODEL: ocp.args.StandardSave({'params': params, 'stats': stats}), META: ocp.args.JsonSave(meta)}
+  if opt is not None:
+    items[OPT] = ocp.args.StandardSave(opt)
+  if data is not None:
+    items[DATA] = data
+  return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+
+def read_meta(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """``(step, meta)`` of the latest (or the given) step in a checkpoint directory."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f'{directory}: no such checkpoint directory')
+  mngr = manager(directory, read_only=True, async_save=False)
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f'{directory}: holds no complete checkpoint step (expected <dir>/<step>/model and meta); '
+                          'convert a PyTorch checkpoint with convert/from_torch.py or train first')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise CheckpointError(f'{directory}: no step {step}; available steps {sorted(steps)}')
+  meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  return step, meta
+
+
+def abstract_model_state(cfg: ModelConfig, *, dtype='float32', param_dtype='float32'):
+  """``(graphdef, params, stats)`` with ShapeDtypeStruct leaves, without allocating the model."""
+  model = nnx.eval_shape(lambda: Recognizer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param, ...)
+
+
+def restore_model_state(mngr: ocp.CheckpointManager, step: int, params_like, stats_like, *, source: str = ''):
+  """Restores the ``model`` item into the structure (and shardings, when given) of ``params_like``/``stats_like``."""
+  target = {'params': params_like, 'stats': stats_like}
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)}))[MODEL]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{source or mngr.directory} step {step}: the saved model does not fit the expected '
+                          f'architecture: {e}') from e
+  return restored['params'], restored['stats']
+
+
+def load_model(directory: str | os.PathLike, step: int | None = None, *, dtype: str = 'float32') -> tuple[Recognizer, dict]:
+  """Loads a model for inference: ``(model, meta)`` from a training or a converted checkpoint directory."""
+  step, meta = read_meta(directory, step)
+  if 'model_config' not in meta:
+    raise CheckpointError(f'{directory}: step {step} has no model_config in its metadata; not a stgcn_jax checkpoint')
+  cfg = ModelConfig.from_dict(meta['model_config'])
+  graphdef, params, stats = abstract_model_state(cfg, dtype=dtype)
+  mngr = manager(directory, read_only=True, async_save=False)
+  params, stats = restore_model_state(mngr, step, params, stats, source=str(directory))
+  model = nnx.merge(graphdef, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, stats))
+  return model, meta
+
+
+def write_model(directory: str | os.PathLike, model: Recognizer, meta: dict[str, Any], *, step: int = 0) -> Path:
+  """Writes an inference checkpoint (``model`` + ``meta``) for one model, e.g. a converted PyTorch one.
+
+  The directory must not exist yet; it appears only when complete (written beside it, then renamed).
+  """
+  directory = Path(directory).absolute()
+  if directory.exists():
+    raise CheckpointError(f'{directory} already exists; choose a new --out directory or remove it first')
+  tmp = directory.with_name(directory.name + '.tmp-incomplete')
+  if tmp.exists():
+    import shutil
+    shutil.rmtree(tmp)
+  _, params, stats = nnx.split(model, nnx.Param, ...)
+  meta = {'model_config': model.config.to_dict(), **meta}
+  json.dumps(meta)  # fails early on metadata that is not JSON
+  mngr = manager(tmp, async_save=False)
+  save(mngr, step, params=params, stats=stats, meta=meta)
+  mngr.wait_until_finished()
+  mngr.close()
+  os.replace(tmp, directory)
+  return directory

@@ -1,0 +1,85 @@
+"""Data parallelism with ``jax.jit`` and ``NamedSharding`` over a 1-D mesh of every device of every process.
+
+The batch is split along the ``'data'`` mesh axis; parameters, optimiser state and BN statistics are
+replicated. Under ``jit`` the gradient of the mean loss over a ``P('data')`` batch is already the global mean,
+so there is no ``pmap`` and no explicit all-reduce. Multi-host: each process feeds only its own rows with
+:func:`global_batch`, built from process-local numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Starts JAX's multi-controller runtime when asked to, or when the usual cluster environment is present.
+
+  Explicit arguments win; otherwise ``jax.distributed.initialize()`` auto-detects SLURM, Open MPI, TPU pods
+  and the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables. Single-process
+  runs without any of these are left alone.
+  """
+  if coordinator:
+    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return
+  cluster_vars = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
+                  'MEGASCALE_COORDINATOR_ADDRESS')
+  if any(os.environ.get(v) for v in cluster_vars):
+    jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D ``('data',)`` mesh over all devices (or the first ``num_devices``), with Auto axis types."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ValueError(f'asked for {num_devices} devices but only {len(devices)} are visible')
+    devices = devices[:num_devices]
+  kwargs = {}
+  if hasattr(jax.sharding, 'AxisType'):
+    kwargs['axis_types'] = (jax.sharding.AxisType.Auto,)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices, **kwargs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, *, bn_group_size: int = 0) -> None:
+  """Validates the global batch against the devices, the processes and the BatchNorm groups."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch % n_dev:
+    lower = global_batch // n_dev * n_dev
+    raise ValueError(f'global batch {global_batch} is not divisible by {n_dev} devices; use a multiple of {n_dev} '
+                     f'(e.g. {max(lower, n_dev)} or {lower + n_dev})')
+  if global_batch % n_proc:
+    raise ValueError(f'global batch {global_batch} is not divisible by {n_proc} processes')
+  if bn_group_size:
+    per_device = global_batch // n_dev
+    if global_batch % bn_group_size or (per_device % bn_group_size and bn_group_size % per_device):
+      raise ValueError(f'BatchNorm group size {bn_group_size} must divide the global batch {global_batch} and '
+                       f'either divide or be a multiple of the per-device batch {per_device}; set '
+                       'config.bn_group_size to a divisor of the per-device batch, or 0 for global statistics')
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy rows -> global arrays sharded along ``'data'`` (every process passes its own rows)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, replicated(mesh))
