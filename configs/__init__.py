@@ -1,0 +1,1 @@
+"""Experiment configs: ``base.py`` holds the STGCN++ recipe; every other file overrides only what differs."""
