@@ -279,7 +279,10 @@ def _load_zip(path: str, zf: zipfile.ZipFile) -> Any:
     member = f'{prefix}data/{key}'
     if member not in names:
       raise CheckpointFormatError(f'{path}: storage {member} is missing; the file is truncated or corrupted')
-    raw = zf.read(member)
+    try:
+      raw = zf.read(member)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+      raise CheckpointFormatError(f'{path}: corrupted or truncated zip archive ({e}); re-download the file') from None
     if len(raw) < numel * dtype.itemsize:
       raise CheckpointFormatError(f'{path}: storage {member} holds {len(raw)} bytes, expected '
                                   f'{numel * dtype.itemsize} ({numel} × {dtype})')
