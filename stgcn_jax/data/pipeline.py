@@ -1,0 +1,295 @@
+"""Grain input pipelines for training and evaluation: shuffle, repeat, sample, batch, shard, checkpoint.
+
+Both pipelines are ``grain.MapDataset`` chains, so every element is a pure function of its position and the
+whole stream is reproducible, checkpointable (the iterator state is one position per process) and identical
+for any number of worker processes.
+
+**Training** (:func:`make_train_iterator`) reads top to bottom:
+
+  epoch order (source) -> ``random_map`` (frame sampling + features per sample) -> ``batch(B_local)`` ->
+  ``[p::P]`` (this process's rows) -> ``to_iter_dataset`` -> ``mp_prefetch`` (workers)
+
+* One *epoch* is the split repeated ``repeat`` times (mmaction2's ``RepeatDataset``; ``repeat=5`` with 16
+  epochs is the "80e" schedule), shuffled with a permutation seeded by ``(seed, epoch)``, cut to a whole
+  number of global batches (the remainder is dropped: static shapes). Epochs follow each other forever.
+* ``g``, the position in this global stream, is the only input of each element: the sample is
+  ``perm_epoch[g mod per_epoch] mod N`` and its frame sampling uses the ``np.random.Generator`` that Grain's
+  ``random_map`` derives from ``(seed, g)``. So the global stream depends only on (dataset, seed, global batch
+  size, repeat, feature settings), never on the process count or the worker count.
+* Global batch ``b`` is positions ``[b*B, (b+1)*B)``; process ``p`` of ``P`` takes its rows
+  ``[p*B_local, (p+1)*B_local)``. Batching by ``B_local`` first and then taking every ``P``-th batch from
+  ``p`` gives exactly those rows, and each process computes only its own samples.
+
+**Evaluation** (:func:`make_eval_iterator`): the dataset in order, padded to a whole number of global
+batches of ``batch_size * shard_count`` with masked-out zero samples, split the same way, so every shard
+yields the same number of batches and every sample appears exactly once with ``mask`` True.
+
+Shape letters: B batch, NC clips, M=2 persons, T=clip_len frames, V joints, C=3 channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags as absl_flags
+
+from stgcn_jax.data import transforms
+from stgcn_jax.data.annotations import SkeletonDataset
+from stgcn_jax.graph import Layout, get_layout
+
+__all__ = ['steps_per_epoch', 'make_train_iterator', 'make_eval_iterator', 'TrainOrder', 'NUM_PERSON']
+
+NUM_PERSON = 2                 # FormatGCNInput(num_person=2) of every STGCN++ config
+_SHUFFLE_ROUNDS = 4            # Feistel rounds of Grain's index_shuffle (as grain's own MapDataset.shuffle)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_positive(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+  return int(value)
+
+
+def _check_shard(shard_index: Any, shard_count: Any) -> tuple[int, int]:
+  shard_count = _check_positive('shard_count', shard_count)
+  if isinstance(shard_index, bool) or not isinstance(shard_index, numbers.Integral) or not (
+      0 <= shard_index < shard_count):
+    raise ValueError(f'shard_index must be an integer in [0, {shard_count}) (this process among shard_count='
+                     f'{shard_count}), got {shard_index!r}; pass jax.process_index() and jax.process_count()')
+  return int(shard_index), shard_count
+
+
+def _check_common(dataset: SkeletonDataset, feat: str, layout: Any, num_workers: Any) -> Layout:
+  if not isinstance(dataset, SkeletonDataset):
+    raise TypeError(f'dataset must be a SkeletonDataset (from load_annotations), got {type(dataset).__name__}')
+  if len(dataset) == 0:
+    raise ValueError(f'{dataset.source}: split {dataset.split!r} has no samples; check the split name and the '
+                     f'annotation file ({len(dataset.skipped)} sample(s) were skipped as empty)')
+  if feat not in transforms.FEATS:
+    raise ValueError(f'unknown feature {feat!r}; use one of {transforms.FEATS}')
+  layout = get_layout(layout)
+  if layout.num_node != dataset.layout.num_node:
+    raise ValueError(f'layout {layout.name!r} has {layout.num_node} joints but the dataset {dataset.source} '
+                     f'was loaded with {dataset.layout.name!r} ({dataset.layout.num_node} joints); use the same '
+                     'layout for loading and for the pipeline')
+  if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+    raise ValueError(f'num_workers must be an integer >= 0 (0: no worker processes), got {num_workers!r}')
+  return layout
+
+
+def _to_iterable(ds: grain.MapDataset, num_workers: int, num_threads: int, prefetch: int) -> grain.IterDataset:
+  """The MapDataset as an IterDataset: ``num_threads`` threads per process, ``num_workers`` processes.
+
+  Grain slices a MapDataset among workers element by element (worker w reads batches w, w+W, ...) and
+  interleaves their outputs back in order, so the stream does not depend on the worker count.
+  """
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    # Grain's worker start reads an absl flag, which fails when no absl.app parsed the command line
+    # (pytest, notebooks, plain scripts): the defaults are what we want there.
+    if not absl_flags.FLAGS.is_parsed():
+      absl_flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
+  return it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def steps_per_epoch(num_samples: int, repeat: int, global_batch_size: int) -> int:
+  """Global batches per epoch: ``num_samples * repeat // global_batch_size`` (the remainder is dropped).
+
+  Raises:
+    ValueError: when the (repeated) split does not fill a single global batch.
+  """
+  num_samples = int(num_samples)
+  repeat = _check_positive('repeat', repeat)
+  global_batch_size = _check_positive('global_batch_size', global_batch_size)
+  steps = num_samples * repeat // global_batch_size
+  if steps == 0:
+    raise ValueError(f'the dataset is too small for the batch: {num_samples} samples x repeat {repeat} = '
+                     f'{num_samples * repeat} < global batch size {global_batch_size}, so an epoch has no full '
+                     'batch; lower the batch size or raise the dataset repeat')
+  return steps
+
+
+class TrainOrder(Sequence):
+  """The training stream's sample indices: position ``g`` -> index into the dataset, for ever.
+
+  Epoch ``e`` covers positions ``[e*L, (e+1)*L)`` with ``L = steps_per_epoch * global_batch_size``: the
+  first ``L`` entries of a permutation of ``range(N * repeat)`` (every sample ``repeat`` times) seeded by
+  ``(seed, e)``, each taken ``mod N``. The permutation is Grain's ``index_shuffle`` (a keyed bijection
+  computed per index), so no epoch-sized array is built and any position is O(1) to look up. A Grain
+  random-access source: ``len`` is ``sys.maxsize`` (an endless stream).
+  """
+
+  def __init__(self, num_samples: int, repeat: int, global_batch_size: int, seed: int):
+    self.num_samples = int(num_samples)
+    self.repeat = int(repeat)
+    self.per_epoch = steps_per_epoch(num_samples, repeat, global_batch_size) * int(global_batch_size)
+    self.seed = int(seed)
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __repr__(self) -> str:
+    return (f'TrainOrder(num_samples={self.num_samples}, repeat={self.repeat}, per_epoch={self.per_epoch}, '
+            f'seed={self.seed})')
+
+  def epoch_seed(self, epoch: int) -> int:
+    """The 32-bit shuffle key of ``epoch``: a SeedSequence hash of ``(seed, epoch)``, so nearby seeds and
+    epochs give unrelated permutations."""
+    return _epoch_seed(self.seed, int(epoch))
+
+  def __getitem__(self, g: int) -> int:
+    if isinstance(g, slice):
+      raise TypeError('TrainOrder is endless; index it with integers')
+    epoch, k = divmod(int(g), self.per_epoch)
+    j = grain.experimental.index_shuffle(k, max_index=self.num_samples * self.repeat - 1,
+                                         seed=self.epoch_seed(epoch), rounds=_SHUFFLE_ROUNDS)
+    return j % self.num_samples
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """int64 ``(L,)``: the sample indices of a whole epoch, in order (for inspection and tests)."""
+    start = int(epoch) * self.per_epoch
+    return np.array([self[g] for g in range(start, start + self.per_epoch)], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+
+
+class _TrainSample(grain.transforms.RandomMap):
+  """Dataset index -> ``{'keypoint': float32 (1, M, T, V, C), 'label': int32}`` with training sampling."""
+
+  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int):
+    self.dataset, self.feat, self.layout, self.clip_len = dataset, feat, layout, clip_len
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    i = int(element)
+    ds = self.dataset
+    # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
+    keypoint = transforms.process_keypoints(
+        ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len, num_clips=1,
+        test_mode=False, rng=rng, img_shape=ds.img_shape(i), num_person=NUM_PERSON)
+    return {'keypoint': keypoint, 'label': np.int32(ds.labels[i])}
+
+
+def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
+                        global_batch_size: int, seed: int, repeat: int = 5, shard_index: int = 0,
+                        shard_count: int = 1, num_workers: int = 0, num_threads: int = 2, prefetch: int = 2
+                        ) -> grain.DatasetIterator:
+  """The endless training stream of this process: shuffled epochs of ``repeat`` x the split, batched.
+
+  Args:
+    dataset: the training split (``load_annotations``).
+    feat: ``'j'``, ``'b'``, ``'jm'`` or ``'bm'``.
+    layout: the skeleton layout (bone pairs); must have the dataset's number of joints.
+    clip_len: frames per clip (100 in the STGCN++ configs).
+    global_batch_size: the batch over all processes; a multiple of ``shard_count``.
+    seed: non-negative integer; fixes the epoch permutations and every sample's frame sampling.
+    repeat: how many times each epoch repeats the split (mmaction2 ``RepeatDataset(times=5)``).
+    shard_index, shard_count: this process and the process count (``jax.process_index()/process_count()``).
+    num_workers: Grain worker processes (0: sample in this process's threads). The stream is the same.
+    num_threads, prefetch: threads and batches buffered per process (per worker when ``num_workers > 0``).
+
+  Returns:
+    a Grain ``DatasetIterator`` (``get_state``/``set_state``; works with ``grain.checkpoint.CheckpointSave`` /
+    ``CheckpointRestore`` in Orbax) yielding ``{'keypoint': float32 (B_local, 1, M, T, V, C),
+    'label': int32 (B_local,)}``, ``B_local = global_batch_size // shard_count``, rows
+    ``[shard_index*B_local, (shard_index+1)*B_local)`` of each global batch. Batch ``s`` (counted from 0) is
+    global step ``s``; epoch ``e`` is steps ``[e*S, (e+1)*S)`` with ``S = steps_per_epoch(len(dataset),
+    repeat, global_batch_size)``.
+  """
+  layout = _check_common(dataset, feat, layout, num_workers)
+  clip_len = _check_positive('clip_len', clip_len)
+  global_batch_size = _check_positive('global_batch_size', global_batch_size)
+  shard_index, shard_count = _check_shard(shard_index, shard_count)
+  if global_batch_size % shard_count:
+    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by {shard_count} processes; use '
+                     f'a multiple of {shard_count}')
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+  local_batch = global_batch_size // shard_count
+  order = TrainOrder(len(dataset), repeat, global_batch_size, int(seed))
+  ds = (grain.MapDataset.source(order)                                       # position g -> sample index
+        .random_map(_TrainSample(dataset, feat=feat, layout=layout, clip_len=clip_len), seed=int(seed))
+        .batch(local_batch, drop_remainder=True)                              # k: positions [k*B_local, ...)
+        [shard_index::shard_count])                                           # k = b*P + p: rows of process p
+  return iter(_to_iterable(ds, int(num_workers), num_threads, prefetch))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class _EvalSample(grain.transforms.Map):
+  """Padded-split position -> one sample with deterministic test-mode clips, or a masked zero sample."""
+
+  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int):
+    self.dataset, self.feat, self.layout = dataset, feat, layout
+    self.clip_len, self.num_clips = clip_len, num_clips
+
+  def map(self, element: int) -> dict[str, np.ndarray]:
+    i = int(element)
+    ds = self.dataset
+    if i >= len(ds):
+      # Padding of the last global batch: never computed on, dropped by the mask.
+      shape = (self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3)
+      return {'keypoint': np.zeros(shape, np.float32), 'label': np.int64(-1), 'index': np.int64(-1),
+              'mask': np.bool_(False)}
+    keypoint = transforms.process_keypoints(
+        ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
+        num_clips=self.num_clips, test_mode=True, img_shape=ds.img_shape(i), num_person=NUM_PERSON)
+    return {'keypoint': keypoint, 'label': np.int64(ds.labels[i]), 'index': np.int64(i), 'mask': np.bool_(True)}
+
+
+def num_eval_batches(num_samples: int, batch_size: int, shard_count: int = 1) -> int:
+  """Batches every shard yields: ``ceil(num_samples / (batch_size * shard_count))``."""
+  global_batch = _check_positive('batch_size', batch_size) * _check_positive('shard_count', shard_count)
+  return -(-int(num_samples) // global_batch)
+
+
+def make_eval_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
+                       num_clips: int, batch_size: int, shard_index: int = 0, shard_count: int = 1,
+                       num_workers: int = 0, num_threads: int = 2, prefetch: int = 2) -> grain.IterDataset:
+  """The split in order, with mmaction2's deterministic test/val sampling, sharded over processes.
+
+  Args:
+    dataset: the evaluation split.
+    feat, layout, clip_len: as for :func:`make_train_iterator`.
+    num_clips: clips per sample (10 for the test protocol, 1 for validation).
+    batch_size: samples per batch of this process (the global batch is ``batch_size * shard_count``).
+    shard_index, shard_count: this process and the process count.
+    num_workers, num_threads, prefetch: as for :func:`make_train_iterator`; the output does not change.
+
+  Returns:
+    a re-iterable Grain ``IterDataset`` of dicts ``{'keypoint': float32 (batch_size, NC, M, T, V, C),
+    'label': int64 (batch_size,), 'index': int64 (batch_size,), 'mask': bool (batch_size,)}``. Every shard
+    yields :func:`num_eval_batches` batches; global batch ``b`` holds positions ``[b*G, (b+1)*G)`` of the
+    split (``G = batch_size * shard_count``) and this shard its rows ``[shard_index*batch_size, ...)``.
+    ``index`` is the position in ``dataset``; rows past the end of the split are zeros with ``mask``
+    False, ``index`` and ``label`` -1. Over all shards each index appears exactly once with ``mask`` True.
+  """
+  layout = _check_common(dataset, feat, layout, num_workers)
+  clip_len = _check_positive('clip_len', clip_len)
+  num_clips = _check_positive('num_clips', num_clips)
+  batch_size = _check_positive('batch_size', batch_size)
+  shard_index, shard_count = _check_shard(shard_index, shard_count)
+  padded = num_eval_batches(len(dataset), batch_size, shard_count) * batch_size * shard_count
+  ds = (grain.MapDataset.range(padded)                                        # positions >= N are padding
+        .map(_EvalSample(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips))
+        .batch(batch_size, drop_remainder=True)
+        [shard_index::shard_count])
+  return _to_iterable(ds, int(num_workers), num_threads, prefetch)
