@@ -104,7 +104,8 @@ def _validate(scores: np.ndarray, labels: np.ndarray, frame_dirs, class_names, w
     raise ResultsFormatError(f'{where}: scores must be a non-empty (N, K) array, got shape {scores.shape}')
   n, k = scores.shape
   if labels.shape != (n,):
-    raise ResultsFormatError(f'{where}: labels have shape {labels.shape}, expected ({n},) to match scores {scores.shape}')
+    raise ResultsFormatError(f'{where}: labels have shape {labels.shape}, expected ({n},) to match scores '
+                             f'{scores.shape}')
   if frame_dirs is not None:
     if len(frame_dirs) != n or not all(isinstance(f, str) for f in frame_dirs):
       raise ResultsFormatError(f'{where}: frame_dirs must be {n} strings (one per sample), got {len(frame_dirs)} '
