@@ -15,7 +15,8 @@ for any number of worker processes.
 * ``g``, the position in this global stream, is the only input of each element: the sample is
   ``perm_epoch[g mod per_epoch] mod N`` and its frame sampling uses the ``np.random.Generator`` that Grain's
   ``random_map`` derives from ``(seed, g)``. So the global stream depends only on (dataset, seed, global batch
-  size, repeat, feature settings), never on the process count or the worker count.
+  size, repeat, feature settings), never on the process count or the worker count. (It is also tied to
+  numpy's ``Generator.permutation`` and Philox streams, which numpy keeps stable across releases.)
 * Global batch ``b`` is positions ``[b*B, (b+1)*B)``; process ``p`` of ``P`` takes its rows
   ``[p*B_local, (p+1)*B_local)``. Batching by ``B_local`` first and then taking every ``P``-th batch from
   ``p`` gives exactly those rows, and each process computes only its own samples.
@@ -43,7 +44,8 @@ from stgcn_jax.data import transforms
 from stgcn_jax.data.annotations import SkeletonDataset
 from stgcn_jax.graph import Layout, get_layout
 
-__all__ = ['steps_per_epoch', 'make_train_iterator', 'make_eval_iterator', 'TrainOrder', 'NUM_PERSON']
+__all__ = ['steps_per_epoch', 'make_train_iterator', 'make_eval_iterator', 'num_eval_batches', 'TrainOrder',
+           'NUM_PERSON']
 
 NUM_PERSON = 2                 # FormatGCNInput(num_person=2) of every STGCN++ config
 
