@@ -8,10 +8,17 @@ to channels-last.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -120,11 +127,12 @@ def load_state_dict(model: Recognizer, state_dict: Mapping[str, Any], *, source:
       continue
     used.add(key)
     value = to_ours(owner, path[-1], sd[key])
-    if value.shape != var[...].shape:
-      expected = to_torch(owner, path[-1], np.zeros(var[...].shape)).shape
+    current = var.get_value()   # an array, or a ShapeDtypeStruct for a model built under nnx.eval_shape
+    if value.shape != current.shape:
+      expected = to_torch(owner, path[-1], np.zeros(current.shape)).shape
       mismatched.append(f'{key}: found {tuple(sd[key].shape)}, expected {tuple(expected)}')
       continue
-    updates[path] = value.astype(var[...].dtype)
+    updates[path] = value.astype(current.dtype)
   unexpected = sorted(k for k in sd if k not in used and not k.startswith(skip_prefixes))
   problems = []
   if mismatched:
@@ -139,7 +147,7 @@ def load_state_dict(model: Recognizer, state_dict: Mapping[str, Any], *, source:
                          'stgcn_jax.convert.infer_config(state_dict).')
   for path, owner, var in _variables(model):
     if path in updates:
-      var[...] = updates[path]
+      var.set_value(jnp.asarray(updates[path]))
 
 
 def export_state_dict(model: Recognizer) -> dict[str, np.ndarray]:
@@ -282,10 +290,250 @@ def model_from_state_dict(state_dict: Mapping[str, Any], *, layout: str | Mappin
                           dtype: str = 'float32', param_dtype: str = 'float32') -> Recognizer:
   """Builds the recognizer a state dict describes and loads it."""
   cfg = infer_config(state_dict, layout=layout, meta_cfg=meta_cfg)
-  model = Recognizer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  return build_loaded(cfg, state_dict, source=source, dtype=dtype, param_dtype=param_dtype)
+
+
+def build_loaded(cfg: ModelConfig, state_dict: Mapping[str, Any], *, source: str = 'state dict',
+                 dtype: str = 'float32', param_dtype: str = 'float32') -> Recognizer:
+  """The recognizer of ``cfg`` holding ``state_dict`` (strict), built without running the random initialisers
+  (the model is traced abstractly and every variable is then set from the tensors, which is many times faster).
+  Absent optional buffers (BN ``num_batches_tracked``) are zero."""
+  model = nnx.eval_shape(lambda: Recognizer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   load_state_dict(model, state_dict, source=source)
+  for path, _, var in _variables(model):
+    value = var.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+      if path[-1] not in OPTIONAL_LEAVES:   # unreachable after a strict load; kept as a guard
+        raise StateDictError(f'{source}: {torch_key(path)} was not loaded')
+      var.set_value(jnp.zeros(value.shape, value.dtype))
   return model
 
 
-__all__ = ['StateDictError', 'normalize_keys', 'torch_key', 'load_state_dict', 'export_state_dict',
-           'infer_config', 'model_from_state_dict']
+
+# ------------------------------------------------------------------------------------ .pth -> checkpoint
+FEATS = ('j', 'b', 'jm', 'bm')
+# File-name spellings of the modality: mmaction2 zoo ('...-joint-motion-...'), pyskl zoo ('.../jm.pth').
+_FEAT_WORDS = (('joint-motion', 'jm'), ('joint_motion', 'jm'), ('bone-motion', 'bm'), ('bone_motion', 'bm'),
+               ('joint', 'j'), ('bone', 'b'))
+
+
+class ConvertError(ValueError):
+  """A conversion that cannot be done (bad arguments, output exists, check failed); names the file."""
+
+
+@dataclasses.dataclass
+class ConvertResult:
+  """What :func:`convert_checkpoint` wrote: the directory, the inferred architecture and the metadata.
+
+  ``check`` (with ``check=True``) holds ``reference`` (what the converted model was compared with),
+  ``max_abs_diff`` of the logits on a seeded input, and ``param_max_abs_diff`` of the exported weights.
+  """
+
+  out_dir: Path
+  config: ModelConfig
+  meta: dict[str, Any]
+  check: dict[str, Any] | None = None
+
+  def summary(self) -> str:
+    c = self.config
+    lines = [f'wrote {self.out_dir}',
+             f'  architecture: {c.num_stages} stages, in_channels={c.in_channels}, base_channels={c.base_channels}, '
+             f'inflate_stages={list(c.inflate_stages)}, down_stages={list(c.down_stages)}, tcn={c.tcn_type}, '
+             f'gcn_adaptive={c.gcn_adaptive}, num_classes={c.num_classes}',
+             f'  layout: {self.meta["layout"]} ({self.meta["layout_source"]}), '
+             f'feat: {self.meta["feat"]} ({self.meta["feat_source"]}), '
+             f'class names: {"built in" if self.meta["class_names"] else "none"}']
+    if self.check is not None:
+      lines.append(f'  check against {self.check["reference"]}: max abs logit difference '
+                   f'{self.check["max_abs_diff"]:.3g}, max abs parameter difference '
+                   f'{self.check["param_max_abs_diff"]:.3g}')
+    return '\n'.join(lines)
+
+
+def _config_text(meta: Mapping[str, Any] | None) -> str | None:
+  if not meta:
+    return None
+  for key in ('cfg', 'config'):   # mmengine stores 'cfg', mmcv 1.x (pyskl) 'config'; both are config text
+    if isinstance(meta.get(key), str):
+      return meta[key]
+  return None
+
+
+def _text_value(text: str | None, pattern: str) -> str | None:
+  m = re.search(pattern, text or '')
+  return None if m is None else m.group(1)
+
+
+def _feat_from_text(text: str | None) -> str | None:
+  # mmaction2/pyskl: GenSkeFeat(..., feats=['b']); stgcn_jax configs: feat='b'.
+  return _text_value(text, r"feats?\s*=\s*\[?\s*['\"](jm|bm|j|b)['\"]")
+
+
+def _feat_from_name(path: Path) -> str | None:
+  name = path.name.lower()
+  for word, feat in _FEAT_WORDS:
+    if word in name:
+      return feat
+  return path.stem.lower() if path.stem.lower() in FEATS else None
+
+
+def _json_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The JSON-representable scalars of the checkpoint's own meta (versions, config text, seed...)."""
+  out = {}
+  for key, value in (meta or {}).items():
+    if isinstance(value, (str, int, float, bool)) or value is None:
+      out[str(key)] = value
+  return out
+
+
+def convert_checkpoint(pth: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str | None = None,
+                       config_path: str | os.PathLike | None = None, feat: str | None = None,
+                       check: bool = False, check_seed: int = 0) -> ConvertResult:
+  """Converts an mmaction2 / pyskl STGCN++ or ST-GCN ``.pth`` into a stgcn_jax checkpoint directory.
+
+  The file is read by :mod:`stgcn_jax.torch_pickle` (no code from it runs; torch is not needed), its keys are
+  normalised (DDP ``module.``, pyskl ``fc_cls``), the architecture is inferred from the tensors alone
+  (:func:`infer_config`), every tensor is loaded strictly, and the model is written with
+  :func:`stgcn_jax.checkpoint.write_model` plus metadata: ``layout`` (given, read from the config text, or
+  guessed from V), ``feat`` (given, from the config text, or from the file name; else None), ``class_names``
+  (NTU60/NTU120 for 60/120 classes), ``source`` and the checkpoint's own scalar metadata.
+
+  Args:
+    layout: the skeleton layout name (needed only when V does not identify a built-in one).
+    config_path: a config file (mmaction2/pyskl ``.py`` or a stgcn_jax config), read as text, never executed,
+      for ``layout``, ``feats`` and ``down_stages``.
+    feat: the modality the model was trained on (``j``, ``b``, ``jm`` or ``bm``).
+    check: run the converted model on a seeded input and compare it with the PyTorch model (when torch and
+      mmaction2 are importable) or else with the checkpoint re-loaded from disk; the result is in ``.check``.
+
+  ``out_dir`` must not exist; it appears only once everything (including the check) succeeded, and nothing is
+  left there on any failure.
+
+  Raises:
+    FileNotFoundError; ConvertError; torch_pickle.CheckpointFormatError / UnsafeCheckpointError (unreadable or
+    unsafe file); StateDictError (unsupported architecture, missing / unexpected keys, shape mismatches).
+  """
+  from stgcn_jax import checkpoint as ckpt_lib
+  from stgcn_jax import labels as labels_lib
+  from stgcn_jax import torch_pickle
+
+  pth, out_dir = Path(pth), Path(out_dir).absolute()
+  if out_dir.exists():
+    raise ConvertError(f'{out_dir} already exists; choose a new --out directory or remove it first')
+  if feat is not None and feat not in FEATS:
+    raise ConvertError(f'feat {feat!r} is not one of {FEATS} (joint, bone, joint motion, bone motion)')
+  config_text = None
+  if config_path is not None:
+    if not Path(config_path).is_file():
+      raise FileNotFoundError(f'config file {str(config_path)!r} does not exist')
+    config_text = Path(config_path).read_text(encoding='utf-8', errors='replace')
+
+  sd, torch_meta = torch_pickle.load_checkpoint(pth)
+  sd = normalize_keys(sd)
+  text = config_text or _config_text(torch_meta)
+  layout_source = 'argument'
+  if layout is None:
+    named = _text_value(text, r"layout\s*=\s*['\"]([\w+\-]+)['\"]")
+    if named in graph_lib.LAYOUTS:
+      layout, layout_source = named, 'config file' if config_text else 'checkpoint config'
+    else:
+      layout_source = 'guessed from V'
+  try:
+    cfg = infer_config(sd, layout=layout, meta_cfg=text)
+  except StateDictError as e:
+    raise StateDictError(f'{pth}: unsupported architecture: {e}') from None
+  except ValueError as e:   # an unknown layout name
+    raise ConvertError(f'{pth}: {e}') from None
+  model = build_loaded(cfg, sd, source=str(pth))
+
+  feat_source = 'argument'
+  if feat is None:
+    feat, feat_source = _feat_from_text(text), 'config file' if config_text else 'checkpoint config'
+    if feat is None:
+      feat, feat_source = _feat_from_name(pth), 'file name'
+    if feat is None:
+      feat_source = 'unknown'
+  names = labels_lib.class_names(cfg.num_classes)
+  dataset_meta = (torch_meta or {}).get('dataset_meta') or {}
+  classes = dataset_meta.get('classes') if isinstance(dataset_meta, Mapping) else None
+  if names is None and isinstance(classes, (list, tuple)) and len(classes) == cfg.num_classes:
+    names = [str(c) for c in classes]
+  meta = {'source': str(pth.absolute()), 'source_format': 'pytorch', 'layout': graph_lib.get_layout(cfg.layout).name,
+          'layout_source': layout_source, 'feat': feat, 'feat_source': feat_source, 'class_names': names,
+          'torch_meta': _json_meta(torch_meta)}
+
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', suffix='.converting', dir=out_dir.parent))
+  try:
+    written = ckpt_lib.write_model(staging / 'checkpoint', model, meta)
+    report = _check(model, written, sd, cfg, seed=check_seed) if check else None
+    if out_dir.exists():
+      raise ConvertError(f'{out_dir} appeared while converting; nothing was written there')
+    os.rename(written, out_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return ConvertResult(out_dir=out_dir, config=cfg, meta={'model_config': cfg.to_dict(), **meta}, check=report)
+
+
+def _seeded_input(cfg: ModelConfig, seed: int, frames: int = 48) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.normal(0.0, 0.5, (2, cfg.num_person, frames, cfg.num_node, cfg.in_channels)).astype(np.float32)
+
+
+def _check(model: Recognizer, written: Path, sd: Mapping[str, np.ndarray], cfg: ModelConfig, *,
+           seed: int) -> dict[str, Any]:
+  """Logits of the converted model vs the PyTorch model (mmaction2) or vs the checkpoint re-loaded from disk."""
+  from stgcn_jax import checkpoint as ckpt_lib
+
+  x = _seeded_input(cfg, seed)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))   # one compilation for both models
+  ours = np.asarray(forward(state, x))
+  exported = export_state_dict(model)
+  param_diff = max(float(np.abs(exported[k].astype(np.float64) - sd[k].astype(np.float64)).max(initial=0.0))
+                   for k in exported if k in sd)
+  reference = _torch_reference_logits(cfg, sd, x)
+  if reference is not None:
+    name, ref = 'the PyTorch model (mmaction2)', reference
+    tol = 1e-3
+  else:
+    reloaded, _ = ckpt_lib.load_model(written)
+    name, ref = 'the re-loaded checkpoint only (mmaction2 is not importable, so no PyTorch comparison)', \
+        np.asarray(forward(nnx.state(reloaded), x))
+    tol = 0.0
+  diff = float(np.abs(ours - ref).max())
+  if not diff <= tol or param_diff != 0.0:
+    raise ConvertError(f'check failed: converted model differs from {name} by {diff:.3g} in the logits '
+                       f'(tolerance {tol:g}) and by {param_diff:.3g} in the parameters; nothing was written')
+  return {'reference': name, 'max_abs_diff': diff, 'param_max_abs_diff': param_diff, 'seed': seed,
+          'input_shape': list(x.shape)}
+
+
+def _torch_reference_logits(cfg: ModelConfig, sd: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | None:
+  """Logits of mmaction2's own RecognizerGCN with these weights, or None when torch/mmaction2 are absent or the
+  layout is not one mmaction2 knows by name."""
+  try:
+    import torch
+    from mmaction.registry import MODELS
+    from mmaction.utils import register_all_modules
+  except Exception:   # noqa: BLE001 (any import failure means: no reference available)
+    return None
+  if cfg.layout not in ('openpose', 'nturgb+d', 'coco'):   # the layouts mmaction2's Graph knows by name
+    return None
+  register_all_modules()
+  backbone = dict(type='STGCN', graph_cfg=dict(layout=cfg.layout, mode=cfg.graph_mode),
+                  in_channels=cfg.in_channels, base_channels=cfg.base_channels, ch_ratio=cfg.ch_ratio,
+                  num_stages=cfg.num_stages, inflate_stages=list(cfg.inflate_stages),
+                  down_stages=list(cfg.down_stages), data_bn_type=cfg.data_bn_type, num_person=cfg.num_person,
+                  gcn_adaptive=cfg.gcn_adaptive, gcn_with_res=cfg.gcn_with_res, gcn_conv_pos=cfg.gcn_conv_pos, tcn_type=cfg.tcn_type)
+  net = MODELS.build(dict(type='RecognizerGCN', backbone=backbone,
+                          cls_head=dict(type='GCNHead', num_classes=cfg.num_classes,
+                                        in_channels=cfg.stage_specs()[-1][1])))
+  net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  net.eval()
+  with torch.no_grad():
+    return net.cls_head(net.backbone(torch.from_numpy(x))).numpy()
+
+
+__all__ = ['StateDictError', 'ConvertError', 'ConvertResult', 'normalize_keys', 'torch_key', 'load_state_dict',
+           'export_state_dict', 'infer_config', 'model_from_state_dict', 'build_loaded', 'convert_checkpoint']
