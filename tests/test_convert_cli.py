@@ -234,3 +234,14 @@ def test_feat_and_layout_read_from_config_text(fixtures_dir, tmp_path):
   assert convert._feat_from_name(Path('stgcnpp_8xb16-bone-motion-u100-80e_ntu60-xsub-keypoint-2d.pth')) == 'bm'
   assert convert._feat_from_name(Path('stgcnpp_8xb16-joint-u100-80e_ntu60-xsub-keypoint-3d.pth')) == 'j'
   assert convert._feat_from_name(Path('model.pth')) is None
+
+
+def test_load_state_dict_into_an_initialised_model():
+  # The in-place path (a concrete model, as fine-tuning and tests use it), not only the abstract build.
+  cfg = ModelConfig(num_classes=4, num_stages=2, base_channels=8, inflate_stages=(), down_stages=())
+  sd = _random_state_dict(cfg, seed=5)
+  model = Recognizer(cfg, rngs=nnx.Rngs(1))
+  convert.load_state_dict(model, sd)
+  exported = convert.export_state_dict(model)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
