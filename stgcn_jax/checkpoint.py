@@ -23,7 +23,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
 
 from stgcn_jax.model import ModelConfig, Recognizer
@@ -37,24 +39,48 @@ class CheckpointError(ValueError):
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, best_metric: str | None = None,
             keep_best: int = 1, read_only: bool = False, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager over ``directory``; with ``best_metric`` it also keeps the best steps by that metric."""
-  best_fn = None if best_metric is None else (lambda metrics: float(metrics.get(best_metric, -np.inf)))
+  """A CheckpointManager over ``directory`` keeping the last ``max_to_keep`` steps (None: all) and, with
+  ``best_metric``, also the ``keep_best`` steps with the highest value of that metric."""
+  policies = [cm.LatestN(max_to_keep)]
+  if best_metric is not None:
+    policies.append(cm.BestN(get_metric_fn=lambda metrics: float(metrics[best_metric]), n=keep_best,
+                             keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep if best_metric is None else max_to_keep + keep_best if max_to_keep else None,
-      best_fn=best_fn, best_mode='max', keep_checkpoints_without_metrics=True,
-      enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+      preservation_policy=cm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+      read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params, stats, meta: dict[str, Any], opt: Any = None,
          data: Any = None, metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-  """Saves one step (asynchronously when the manager is async). Collective: every process must call it."""
+  """Saves one step (asynchronously when the manager is async). Collective: every process must call it.
+
+  ``data`` is the Grain iterator; each process writes its own iterator state.
+  """
   items = {MODEL: ocp.args.StandardSave({'params': params, 'stats': stats}), META: ocp.args.JsonSave(meta)}
   if opt is not None:
     items[OPT] = ocp.args.StandardSave(opt)
   if data is not None:
-    items[DATA] = data
+    items[DATA] = grain.checkpoint.CheckpointSave(data)
   return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+
+def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
+  """Restores a training checkpoint into ``state`` (its structure and shardings) and ``iterator`` (in place).
+
+  Returns ``(state, iterator)``; ``state`` is a :class:`stgcn_jax.steps.TrainState` placed like the given one.
+  """
+  like = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  args = {MODEL: ocp.args.StandardRestore({'params': like(state.params), 'stats': like(state.stats)}),
+          OPT: ocp.args.StandardRestore({'step': like(state.step), 'opt_state': like(state.opt_state)}),
+          DATA: grain.checkpoint.CheckpointRestore(iterator)}
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f'{mngr.directory} step {step} cannot be restored into this run (another architecture, '
+                          f'optimiser or number of processes?): {e}; use a new --workdir') from e
+  model, opt = out[MODEL], out[OPT]
+  return type(state)(opt['step'], model['params'], model['stats'], opt['opt_state']), out[DATA]
 
 
 def read_meta(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:

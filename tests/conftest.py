@@ -4,6 +4,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Eight fake CPU devices, as the reference 8-GPU setup: data-parallel tests build meshes of 1..8 of them.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 
 import pytest
 

@@ -1,0 +1,186 @@
+"""Training: the recipe's numbers, device-count invariance, multi-process, resume, fine-tuning, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from stgcn_jax import checkpoint as ckpt_lib
+from stgcn_jax import sharding as sharding_lib
+from stgcn_jax import steps
+from stgcn_jax import train
+from tests.train_utils import tiny_config, write_random_annotations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def ann_file(tmp_path_factory):
+  return write_random_annotations(tmp_path_factory.mktemp('data') / 'tiny_2d.pkl')
+
+
+def _losses(workdir: Path) -> list[tuple[int, float]]:
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], r['loss']) for r in records if 'loss' in r]
+
+
+def _final_params(workdir: Path):
+  model, meta = ckpt_lib.load_model(workdir / 'checkpoints')
+  return jax.tree.leaves(nnx.state(model)), meta
+
+
+def test_learning_rate_schedule_and_weight_decay_follow_the_recipe():
+  config = tiny_config('unused.pkl')
+  # lr 0.1 per 128 samples, scaled linearly (mmaction2 --auto-scale-lr): a global batch of 8 -> 0.00625
+  assert train.learning_rate(config, 8) == pytest.approx(0.1 * 8 / 128, rel=1e-12)
+  config.optim.auto_scale_lr = False
+  assert train.learning_rate(config, 8) == 0.1
+  config.optim.auto_scale_lr = True
+  optimizer, schedule = train.make_optimizer(config, total_steps=100, global_batch=128)
+  # CosineAnnealingLR(eta_min=0) per iteration: 0.1 * (1 + cos(pi t / T)) / 2
+  for t, want in [(0, 0.1), (25, 0.1 * (1 + np.cos(np.pi / 4)) / 2), (50, 0.05), (75, 0.1 * (1 - np.cos(np.pi / 4)) / 2),
+                  (100, 0.0), (130, 0.0)]:
+    assert float(schedule(t)) == pytest.approx(want, rel=1e-6, abs=1e-9)   # float32 on device
+  # Two PyTorch SGD(momentum 0.9, nesterov, wd 5e-4) steps, by hand: d = g + wd p; buf = m buf + d; p -= lr (d + m buf)
+  p = {'w': jnp.array([1.0, -2.0, 0.5])}
+  grads = [jnp.array([0.3, 0.1, -0.2]), jnp.array([-0.1, 0.4, 0.0])]
+  opt_state = optimizer.init(p)
+  want, buf = np.array(p['w'], np.float64), np.zeros(3)
+  for t, g in enumerate(grads):
+    upd, opt_state = optimizer.update({'w': g}, opt_state, p)
+    p = optax.apply_updates(p, upd)
+    lr = 0.1 * (1 + np.cos(np.pi * t / 100)) / 2
+    d = np.asarray(g, np.float64) + 5e-4 * want
+    buf = 0.9 * buf + d
+    want = want - lr * (d + 0.9 * buf)
+  np.testing.assert_allclose(p['w'], want, rtol=1e-6)
+
+
+def test_one_and_eight_devices_give_the_same_run(ann_file, tmp_path):
+  assert jax.device_count() >= 8, 'conftest sets 8 fake CPU devices'
+  config = tiny_config(ann_file, num_epochs=7, max_steps=20, run_test=False)
+  out1 = train.train_and_evaluate(config, tmp_path / 'one', mesh=sharding_lib.make_mesh(1))
+  out8 = train.train_and_evaluate(config, tmp_path / 'eight', mesh=sharding_lib.make_mesh(8))
+  l1, l8 = _losses(tmp_path / 'one'), _losses(tmp_path / 'eight')
+  assert [s for s, _ in l1] == list(range(1, 21)) and [s for s, _ in l8] == list(range(1, 21))
+  np.testing.assert_allclose([v for _, v in l8], [v for _, v in l1], rtol=1e-5)
+  assert len({round(v, 6) for _, v in l1}) > 5            # the loss moves: the runs really trained
+  p1, _ = _final_params(tmp_path / 'one')
+  p8, _ = _final_params(tmp_path / 'eight')
+  for a, b in zip(p1, p8):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  assert out1['step'] == out8['step'] == 20
+  assert out8['val']['top1'] == pytest.approx(out1['val']['top1'])
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(ann_file, tmp_path):
+  config = tiny_config(ann_file, num_epochs=4, run_test=False, checkpoint_every_steps=2)
+  full = tmp_path / 'full'
+  train.train_and_evaluate(config, full)
+  part = tmp_path / 'part'
+  out = train.train_and_evaluate(tiny_config(ann_file, num_epochs=4, run_test=False, checkpoint_every_steps=2,
+                                             max_steps=5), part)
+  assert out['step'] == 5
+  out = train.train_and_evaluate(config, part)      # the same command again resumes at step 5
+  assert out['step'] == 12
+  assert _losses(part)[-7:] == _losses(full)[-7:]   # steps 6..12, bitwise
+  for a, b in zip(_final_params(full)[0], _final_params(part)[0]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_a_different_config(ann_file, tmp_path):
+  train.train_and_evaluate(tiny_config(ann_file, max_steps=2, run_test=False), tmp_path / 'w')
+  with pytest.raises(train.ConfigError, match=r'different configuration.*optim.base_lr.*new --workdir'):
+    train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False, **{'optim.base_lr': 0.05}),
+                             tmp_path / 'w')
+
+
+def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
+  with pytest.raises(train.ConfigError, match='not divisible by 8 devices; use a multiple of 8'):
+    train.train_and_evaluate(tiny_config(ann_file, batch_size=12, bn_group_size=0), tmp_path / 'a')
+  with pytest.raises(train.ConfigError, match=r"does not exist.*--config.data.ann_file"):
+    train.train_and_evaluate(tiny_config(tmp_path / 'missing.pkl'), tmp_path / 'b')
+  with pytest.raises(ValueError, match=r"unknown split 'xview_train'.*xsub_train"):
+    train.train_and_evaluate(tiny_config(ann_file, **{'data.train_split': 'xview_train'}), tmp_path / 'c')
+  with pytest.raises(train.ConfigError, match=r"feat='x'"):
+    train.train_and_evaluate(tiny_config(ann_file, **{'data.feat': 'x'}), tmp_path / 'd')
+  assert not (tmp_path / 'a' / 'checkpoints').exists()
+
+
+def test_cli_rejects_unknown_config_field(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'stgcn_jax.train', '--config', str(ROOT / 'configs' / 'base.py'),
+                           '--workdir', str(tmp_path), '--config.optim.lr=0.1'],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert result.returncode != 0
+  assert "lr" in result.stderr and ('does not exist' in result.stderr or 'not found' in result.stderr.lower()
+                                    or 'KeyError' in result.stderr or 'AttributeError' in result.stderr)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(ann_file, tmp_path):
+  config = tiny_config(ann_file, num_epochs=4, run_test=False, checkpoint_every_steps=1, **{'optim.base_lr': 1e30})
+  with pytest.raises(train.NonFiniteLossError, match=r'at step (\d+) \(window of steps'):
+    train.train_and_evaluate(config, tmp_path)
+  mngr = ckpt_lib.manager(tmp_path / 'checkpoints', read_only=True, async_save=False)
+  for step in mngr.all_steps():
+    model, _ = ckpt_lib.load_model(tmp_path / 'checkpoints', step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_init_from_converted_checkpoint_first_loss_equals_golden(fixtures_dir, tmp_path):
+  from stgcn_jax import convert
+  from stgcn_jax.torch_pickle import load_state_dict as read_pth
+  sd = read_pth(fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth')
+  sd = sd[0] if isinstance(sd, tuple) else sd
+  model = convert.model_from_state_dict(sd, layout='coco')
+  ckpt_lib.write_model(tmp_path / 'converted', model, {'layout': 'coco', 'feat': 'j'})
+  g = np.load(fixtures_dir / 'stgcnpp_ntu60_2d_ref_train.npz')
+  config = tiny_config('unused.pkl', init_from=str(tmp_path / 'converted'))
+  config.model.update(model.config.to_dict() | {'inflate_stages': (5, 8), 'down_stages': (5, 8)})
+  mesh = sharding_lib.make_mesh(4)
+  optimizer, schedule = train.make_optimizer(config, total_steps=100, global_batch=4)
+  graphdef, state, shardings = train.create_train_state(config, train.model_config(config), mesh, optimizer)
+  step = train.jit_train_step(graphdef, optimizer, schedule, mesh, shardings, groups=1)
+  batch = sharding_lib.global_batch({'keypoint': g['input'], 'label': g['label'].astype(np.int32)}, mesh)
+  _, metrics = step(state, batch, jax.random.key(0))
+  np.testing.assert_allclose(float(metrics['loss']), float(g['loss']), rtol=1e-5)
+  # A new head when the class count differs: everything else is the checkpoint's.
+  config.model.num_classes = 7
+  _, params, stats = train.initial_model_state(config, train.model_config(config))
+  assert params['cls_head']['fc']['kernel'][...].shape == (256, 7)
+  np.testing.assert_array_equal(params['backbone']['data_bn']['scale'][...], sd['backbone.data_bn.weight'])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_eight_devices(ann_file, tmp_path):
+  config_args = dict(num_epochs=3, run_test=False)
+  ref = tmp_path / 'single'
+  train.train_and_evaluate(tiny_config(ann_file, **config_args), ref, mesh=sharding_lib.make_mesh(8))
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             PYTHONPATH=str(ROOT))
+  workdir = tmp_path / 'multi'
+  procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multiprocess_train.py'), f'127.0.0.1:{port}', '2',
+                             str(i), str(ann_file), str(workdir), json.dumps(config_args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  np.testing.assert_allclose([v for _, v in _losses(workdir)], [v for _, v in _losses(ref)], rtol=1e-5)
+  assert [s for s, _ in _losses(workdir)] == [s for s, _ in _losses(ref)]
