@@ -177,3 +177,22 @@ def test_notebook_executes_offline(tmp_path, fixtures_dir, monkeypatch):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
   shown = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
   assert len(shown) == 2
+
+
+def test_prepare_checkpoint_converts_once_and_checks_the_modality(tmp_path, fixtures_dir):
+  pth = fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth'
+  out = nbu.prepare_checkpoint(pth, tmp_path / 'j', feat='j')
+  assert out == (tmp_path / 'j').absolute()
+  stamp = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob('*'))
+  # A re-run of the cell reuses the conversion instead of failing on the existing directory.
+  assert nbu.prepare_checkpoint(pth, tmp_path / 'j', feat='j') == tmp_path / 'j'
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob('*')) == stamp
+  with pytest.raises(ValueError, match=r"holds a conversion of .*stgcnpp_ntu60_2d_ref.pth \(feat 'j'\).*remove it"):
+    nbu.prepare_checkpoint(pth, tmp_path / 'j', feat='b')
+  # A converted directory is used as it is, for its own modality only.
+  assert nbu.prepare_checkpoint(out, tmp_path / 'unused', feat='j') == out
+  with pytest.raises(ValueError, match=r"holds a joint model \(feat 'j'\) but stream 'b' was asked for"):
+    nbu.prepare_checkpoint(out, tmp_path / 'unused', feat='b')
+  assert not (tmp_path / 'unused').exists()
+  with pytest.raises(FileNotFoundError, match='missing.pth'):
+    nbu.prepare_checkpoint(tmp_path / 'missing.pth', tmp_path / 'x', feat='j')
