@@ -203,3 +203,28 @@ def write_report(scores, labels, class_names: Sequence[str] | None, out_dir_or_p
   _plot_confusion(paths['confusion_png'], table, names, dpi)
   _plot_accuracy(paths['accuracy_png'], table, names, dpi)
   return paths
+
+
+def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike, *, dpi: int = 120) -> str:
+  """Loss and learning rate per logged step, and validation accuracy per evaluation, from ``metrics.jsonl``."""
+  import json
+
+  from matplotlib.figure import Figure
+  records = [json.loads(line) for line in open(metrics_jsonl, encoding='utf-8') if line.strip()]
+  train = [r for r in records if 'loss' in r]
+  val = [r for r in records if 'val_top1' in r]
+  fig = Figure(figsize=(10, 3.5), layout='constrained')
+  ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
+  ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train])
+  ax_loss.set(xlabel='step', ylabel='training loss', title='Loss')
+  ax_lr.plot([r['step'] for r in train], [r['lr'] for r in train])
+  ax_lr.set(xlabel='step', ylabel='learning rate', title='Learning rate')
+  for key, label in (('val_top1', 'top-1'), ('val_top5', 'top-5'), ('val_mean_class', 'mean class')):
+    points = [(r['step'], r[key]) for r in val if key in r]
+    if points:
+      ax_acc.plot(*zip(*points), marker='o', label=label)
+  ax_acc.set(xlabel='step', ylabel='accuracy (%)', title='Validation', ylim=(0, 100))
+  if val:
+    ax_acc.legend(fontsize=8)
+  _save(fig, str(out_png), dpi)
+  return str(out_png)

@@ -26,14 +26,16 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   and the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables. Single-process
   runs without any of these are left alone.
   """
-  if coordinator:
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    return
   cluster_vars = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
                   'MEGASCALE_COORDINATOR_ADDRESS')
-  if any(os.environ.get(v) for v in cluster_vars):
+  if not coordinator and not any(os.environ.get(v) for v in cluster_vars):
+    return
+  # Cross-process collectives of the CPU backend (tests, CPU clusters); accelerators use their own. Set before
+  # initialisation, without querying the backend (that would initialise it too early).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  else:
     jax.distributed.initialize()
 
 

@@ -92,11 +92,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, bn_gro
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss,
                'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': _tree_norm(grads),
+               # A finite loss can still give an overflowing update: the run checks the new parameters too.
+               'param_norm': _tree_norm(params)}
     if lr_schedule is not None:
       metrics['lr'] = lr_schedule(state.step)
     return TrainState(state.step + 1, params, stats, opt_state), metrics
   return train_step
+
+
+def _tree_norm(tree) -> Array:
+  norm = getattr(getattr(optax, 'tree', None), 'norm', None) or optax.global_norm
+  return norm(tree)
 
 
 def make_eval_step(graphdef):

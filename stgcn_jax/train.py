@@ -336,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Preempted after saving when SIGTERM/SIGINT arrived.
   """
   validate_config(config)
+  started = time.perf_counter()
   workdir = Path(workdir).absolute()
   is_main = jax.process_index() == 0
   if is_main:
@@ -422,9 +423,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     fetched = jax.device_get([m for _, m in pending])
     first = pending[0][0]
     for (s, _), m in zip(pending, fetched):
-      if not math.isfinite(float(m['loss'])):
+      if not (math.isfinite(float(m['loss'])) and math.isfinite(float(m['param_norm']))):
+        what = 'loss' if not math.isfinite(float(m['loss'])) else 'parameter update'
         raise NonFiniteLossError(
-            f'the training loss became {float(m["loss"])} at step {s + 1} (window of steps {first + 1}..'
+            f'the training {what} became non-finite (loss {float(m["loss"])}) at step {s + 1} (window of steps {first + 1}..'
             f'{pending[-1][0] + 1}); the last checkpoint (step {mngr.latest_step()}) is intact. Lower '
             'config.optim.base_lr, check the input data for extreme values, or use config.dtype=float32')
     pending.clear()
@@ -488,8 +490,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                   meta)
   writer.close()
   mngr.close()
+  if is_main:
+    from stgcn_jax import report
+    results.setdefault('outputs', {})['curves'] = report.plot_training_curves(workdir / 'metrics.jsonl',
+                                                                              workdir / 'training_curves.png')
+    results['outputs'].update(checkpoints=str(ckpt_dir), metrics=str(workdir / 'metrics.jsonl'),
+                              tensorboard=str(workdir / 'tb'))
   results['step'] = step
   results['workdir'] = str(workdir)
+  results['seconds'] = time.perf_counter() - started
   return results
 
 
@@ -577,7 +586,7 @@ def main(argv=None) -> int:
 
 
 def _print_summary(out: dict[str, Any]) -> None:
-  print(f'finished at step {out["step"]}; workdir {out["workdir"]}')
+  print(f'finished at step {out["step"]} in {out["seconds"]:.1f} s; workdir {out["workdir"]}')
   if 'val' in out:
     print(f'val:  {_fmt(out["val"])}')
   if 'test' in out:
