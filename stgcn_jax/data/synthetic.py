@@ -18,19 +18,22 @@ and a frame in which a person is absent, are exact zeros (score 0), as the detec
 pickles store them. ``demo_meta`` (ignored by the loader) records the generator version and arguments, so
 :func:`ensure_demo_dataset` can tell a current demo file from a stale one.
 
-**Why it is not trivially separable.** Every sample draws its own nuisances: speed (frequency x0.7-1.4),
-phase, amplitude, body size, position and distance, facing direction (a rotation about the vertical axis of
-up to +-50 degrees), camera height, tilt and focal length (2D), start frame (an idle lead-in of up to a
-third of the sequence), sequence length (40-150 frames at 30 fps), left/right handedness (waving, kicking),
-per-joint jitter, missing joints and missing frames, and an optional second person who idles or does the
-same action (the actor is not always person 0). The classes come in confusable pairs (waving / arm raise,
+**Why it is not trivially separable.** Every sample draws its own nuisances (:data:`_NUISANCE` holds the
+spatial ones): speed (frequency x0.7-1.4), phase, amplitude, body size and proportions, position and
+distance, facing direction (a rotation about the vertical axis of up to +-30 degrees), camera height, tilt
+and focal length, start frame (an idle lead-in of up to a quarter of the sequence, sometimes an idle tail),
+sequence length (40-120 frames at 30 fps), left/right handedness (waving, kicking), per-joint jitter,
+missing joints (2D: half of the samples lose up to 3% of their joints) and lost frames (a person absent
+for 1-6 frames in 15% of the persons), and in a quarter of the samples a second person who idles or does
+the same action (the actor is not always person 0). The classes come in confusable pairs (waving / arm raise,
 jumping / squatting, kicking / walking in place, bowing / squatting) and every sample moves its idle limbs
 a little. A 1-nearest-neighbour classifier on raw, time-resampled frames is therefore far from perfect
 (``tests/test_synthetic.py`` measures it), while the action stays recognisable to a model that normalises
 the pose and looks at motion over time.
 
-Everything is a pure function of ``(seed, kind, split, index)``: the same arguments give identical arrays
-on every machine (``numpy.random.Generator`` seeded per sample; no global RNG).
+Everything is a pure function of ``(seed, kind, split, index)`` (a ``numpy.random.Generator`` seeded per
+sample; the global RNG is never touched): the same arguments give identical arrays with the same numpy
+build; another platform's ``sin``/``cos`` may differ in the last bit.
 """
 
 from __future__ import annotations
@@ -387,6 +390,7 @@ class _Camera:
     return np.stack([u, v], axis=-1)
 
 
+# Spatial nuisances and missing data (see the module docstring); bump DEMO_VERSION when changing them.
 _NUISANCE = dict(x_range=0.4, yaw_deg=30.0, p_second=0.25, p_missing=0.5, p_missing_max=0.03, p_lost=0.15,
                  depth=(2.8, 4.0), focal=(1100, 1500))
 
