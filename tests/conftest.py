@@ -8,7 +8,16 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 
+import tempfile
+
+import jax
 import pytest
+
+# Many tests compile the same small programs (tiny training configs, the reference models): a persistent
+# compilation cache for the session makes the repeats cheap. STGCN_TEST_JAX_CACHE overrides its location.
+jax.config.update('jax_compilation_cache_dir', os.environ.get(
+    'STGCN_TEST_JAX_CACHE', os.path.join(tempfile.gettempdir(), f'stgcn_jax_test_cache_{os.getuid()}')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 _DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'mmaction2'
 FIXTURES = Path(os.environ.get('STGCN_FIXTURES', _DEFAULT_FIXTURES))
