@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,28 @@ MODEL, META, OPT, DATA = 'model', 'meta', 'opt', 'data'
 
 class CheckpointError(ValueError):
   """A checkpoint directory that cannot be used (absent, incomplete, another architecture...)."""
+
+
+def _quiet_orphaned_reads() -> None:
+  """After a failed restore, Orbax's other pending array reads finish on an event loop that is already closed,
+  and Python prints their ``RuntimeError: Event loop is closed`` as "Exception ignored" tracebacks after our
+  clear error. Only that message is dropped (installed once, on the first failed restore)."""
+  previous = sys.unraisablehook
+  if getattr(previous, '_stgcn_quiet', False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+  hook._stgcn_quiet = True
+  sys.unraisablehook = hook
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+  """The first line of a library error, shortened: the caller's message says what to do."""
+  text = f'{type(error).__name__}: {error}'.strip().splitlines()[0]
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, best_metric: str | None = None,
@@ -76,9 +99,12 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
           DATA: grain.checkpoint.CheckpointRestore(iterator)}
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'{mngr.directory} step {step} cannot be restored into this run (another architecture, '
-                          f'optimiser or number of processes?): {e}; use a new --workdir') from e
+  except Exception as e:   # tensorstore / JSON / Grain errors of every kind: the step cannot be used
+    _quiet_orphaned_reads()
+    raise CheckpointError(f'{Path(mngr.directory) / str(step)} cannot be restored into this run: it is corrupt '
+                          f'(damaged or truncated files) or from another architecture, optimiser or number of '
+                          f'processes ({_short(e)}). Delete that step directory to resume from the previous '
+                          'step, or use a new --workdir') from e
   model, opt = out[MODEL], out[OPT]
   return type(state)(opt['step'], model['params'], model['stats'], opt['opt_state']), out[DATA]
 
@@ -96,7 +122,14 @@ def read_meta(directory: str | os.PathLike, step: int | None = None) -> tuple[in
   step = max(steps) if step is None else step
   if step not in steps:
     raise CheckpointError(f'{directory}: no step {step}; available steps {sorted(steps)}')
-  meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  except Exception as e:   # a damaged or truncated meta file (JSON errors, missing item)
+    raise CheckpointError(f'{directory / str(step)}: its metadata (meta/metadata) cannot be read, the checkpoint '
+                          f'is corrupt ({_short(e)}); delete that step directory or use another checkpoint') from e
+  if not isinstance(meta, dict):
+    raise CheckpointError(f'{directory / str(step)}: its metadata is a {type(meta).__name__}, expected a JSON '
+                          'object; not a stgcn_jax checkpoint')
   return step, meta
 
 
@@ -111,9 +144,11 @@ def restore_model_state(mngr: ocp.CheckpointManager, step: int, params_like, sta
   target = {'params': params_like, 'stats': stats_like}
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)}))[MODEL]
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{source or mngr.directory} step {step}: the saved model does not fit the expected '
-                          f'architecture: {e}') from e
+  except Exception as e:   # tensorstore raises plain Exception for damaged data files
+    _quiet_orphaned_reads()
+    raise CheckpointError(f'{source or mngr.directory} step {step}: the saved model cannot be read: it is corrupt '
+                          f'(damaged or truncated files) or does not fit the expected architecture '
+                          f'({_short(e)})') from e
   return restored['params'], restored['stats']
 
 
@@ -122,7 +157,11 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, dtype: 
   step, meta = read_meta(directory, step)
   if 'model_config' not in meta:
     raise CheckpointError(f'{directory}: step {step} has no model_config in its metadata; not a stgcn_jax checkpoint')
-  cfg = ModelConfig.from_dict(meta['model_config'])
+  try:
+    cfg = ModelConfig.from_dict(meta['model_config'])
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise CheckpointError(f'{directory}: step {step} has an invalid model_config in its metadata ({_short(e)}); '
+                          'not a stgcn_jax checkpoint or a damaged one') from e
   graphdef, params, stats = abstract_model_state(cfg, dtype=dtype)
   mngr = manager(directory, read_only=True, async_save=False)
   params, stats = restore_model_state(mngr, step, params, stats, source=str(directory))

@@ -56,6 +56,7 @@ logger = logging.getLogger('stgcn_jax.train')
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: the run was stopped by SIGTERM/SIGINT after saving; start it again
 NONFINITE_EXIT_CODE = 3
+SAVE_FAILED_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (disk full...); the previous one is intact
 # Config fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ('max_steps', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
                      'keep_checkpoints', 'async_checkpointing', 'run_test', 'data.num_workers', 'data.cache_dir',
@@ -64,6 +65,14 @@ RESUMABLE_CHANGES = ('max_steps', 'log_every_steps', 'eval_every_epochs', 'check
 
 class ConfigError(ValueError):
   """A configuration that cannot run; raised before anything is compiled."""
+
+
+class DataError(ConfigError):
+  """An annotation file that cannot be used: corrupt, not an annotation file, or refused by the safe loader."""
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written (disk full, unwritable); the previous checkpoint is intact."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -248,17 +257,21 @@ class MetricWriter:
 
 def probe_writable(directory: Path) -> None:
   """Fails early, with the reason, when the workdir cannot be written (read-only, disk full)."""
+  probe = directory / f'.write-probe-{os.getpid()}'
   try:
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f'.write-probe-{os.getpid()}'
     with open(probe, 'wb') as f:
       f.write(b'\0' * 65536)
       f.flush()
       os.fsync(f.fileno())
-    probe.unlink()
   except OSError as e:
     raise ConfigError(f'workdir {str(directory)!r} is not writable ({e.strerror or e}); free some space or choose '
                       'another --workdir') from e
+  finally:
+    try:
+      probe.unlink()
+    except OSError:            # never created (or the directory is gone): nothing to remove
+      pass
 
 
 class _SignalFlag:
@@ -285,6 +298,25 @@ class _SignalFlag:
       signal.signal(s, old)
 
 
+class _FinishSavesOnError:
+  """On an exception out of the loop, lets an asynchronous save still in flight complete, so the last good
+  checkpoint is on disk (not left as a temporary directory) when the process exits."""
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:
+      try:
+        self._mngr.wait_until_finished()
+      except Exception as e:   # the original error is the one to report
+        logger.warning('a pending checkpoint save failed too: %s', e)
+    return False
+
+
 def _is_main_thread() -> bool:
   import threading
   return threading.current_thread() is threading.main_thread()
@@ -303,9 +335,34 @@ def _agree(flag: int) -> int:
 
 
 def load_data(config: ml_collections.ConfigDict, mcfg: ModelConfig, split: str):
+  """The split as a SkeletonDataset; a file that cannot be used raises :class:`DataError` naming it."""
   ann = config.data.ann_file
-  return annotations.load_annotations(ann, split=split, layout=mcfg.layout, num_classes=mcfg.num_classes,
-                                      cache_dir=config.data.cache_dir or None)
+  try:
+    return annotations.load_annotations(ann, split=split, layout=mcfg.layout, num_classes=mcfg.num_classes,
+                                        cache_dir=config.data.cache_dir or None)
+  except (ValueError, OSError) as e:   # the loader's messages name the file, the sample and the fix
+    raise DataError(str(e) if str(ann) in str(e) else f'annotation file {ann!r}: {e}') from e
+
+
+def _repair_metrics(path: Path, last_step: int) -> None:
+  """Drops from ``metrics.jsonl`` what a killed run left behind: a partly written last line and the records
+  of steps after ``last_step`` (the checkpoint the run resumes from), which the resumed run writes again."""
+  if not path.exists():
+    return
+  kept, changed = [], False
+  for line in path.read_text(encoding='utf-8', errors='replace').splitlines(keepends=True):
+    try:
+      record = json.loads(line) if line.endswith('\n') else None
+    except ValueError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get('step'), int) and record['step'] <= last_step:
+      kept.append(line)
+    else:
+      changed = changed or bool(line.strip())
+  if changed:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(kept), encoding='utf-8')
+    os.replace(tmp, path)
 
 
 def _prepare_demo(config: ml_collections.ConfigDict) -> None:
@@ -388,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   meta = _meta(config, mcfg, class_names)
   if is_main:
     (workdir / 'config.json').write_text(json.dumps(config_to_dict(config), indent=1, sort_keys=True))
+    _repair_metrics(workdir / 'metrics.jsonl', latest or 0)
   writer = MetricWriter(workdir, is_main)
   train_step = jit_train_step(graphdef, optimizer, schedule, mesh, state_sharding, bn_groups(config))
   evaluator = eval_lib.Evaluator(graphdef, mesh)
@@ -399,15 +457,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                batch_size=config.eval_batch_size, num_workers=config.data.num_workers)
     return scores, eval_lib.summarize(scores, split_ds.labels)
 
+  saved_step = latest
+
+  def save_failed(step, e):
+    try:                       # an earlier asynchronous save may still be completing: it is the intact one
+      mngr.wait_until_finished()
+    except Exception:          # the error being reported is the one that matters
+      pass
+    intact = [s for s in mngr.all_steps() if s != step]
+    error = SaveError(f'could not save the checkpoint of step {step} in {ckpt_dir}: {e.strerror or e}; the previous '
+                      f'checkpoint (step {max(intact) if intact else None}) is intact. Free disk space and run the '
+                      'same command to resume')
+    error.errno = e.errno
+    return error
+
   def save(step, metrics=None, force=False):
+    nonlocal saved_step
+    if step == saved_step:     # e.g. a signal right after a scheduled save: that checkpoint is the one
+      return
     try:
       ckpt_lib.save(mngr, step, params=state.params, stats=state.stats, meta=meta,
                     opt={'step': state.step, 'opt_state': state.opt_state}, data=iterator, metrics=metrics,
                     force=force)
+    except OSError as e:       # also a failed earlier asynchronous save, reported here
+      raise save_failed(step, e) from e
+    saved_step = step
+
+  def wait_for_saves():
+    try:
+      mngr.wait_until_finished()
     except OSError as e:
-      raise OSError(f'could not save the checkpoint of step {step} in {ckpt_dir}: {e}; the previous checkpoint '
-                    f'(step {mngr.latest_step()}) is intact. Free disk space and run the same command to resume'
-                    ) from e
+      raise save_failed(saved_step, e) from e
 
   step = int(jax.device_get(state.step))
   results: dict[str, Any] = {}
@@ -438,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     t_window, n_window = time.perf_counter(), 0
     return record
 
-  with _SignalFlag() as signals:
+  with _SignalFlag() as signals, _FinishSavesOnError(mngr):
     while step < stop_step:
       batch = sharding_lib.global_batch(next(iterator), mesh)
       state, metrics = train_step(state, batch, rng)
@@ -470,12 +550,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if check_signal and _agree(signals.signum) and step < stop_step:
         flush_metrics()
         save(step, force=True)
-        mngr.wait_until_finished()
+        wait_for_saves()
         bar.close()
         writer.close()
         raise Preempted(step, signals.signum or signal.SIGTERM)
     flush_metrics()
-    mngr.wait_until_finished()
+    wait_for_saves()
   bar.close()
 
   if config.run_test and step == total_steps:
@@ -562,9 +642,13 @@ def main(argv=None) -> int:
       return
     try:
       out = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
+    except (ConfigError, ckpt_lib.CheckpointError) as e:
       print(f'error: {e}', file=sys.stderr)
       code = 2
+      return
+    except SaveError as e:
+      print(f'error: {e}', file=sys.stderr)
+      code = SAVE_FAILED_EXIT_CODE
       return
     except NonFiniteLossError as e:
       print(f'error: {e}', file=sys.stderr)
