@@ -65,8 +65,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, *, bn_group_size: int = 0) -
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch % n_dev:
     lower = global_batch // n_dev * n_dev
+    nearest = f'{lower} or {lower + n_dev}' if lower else f'{n_dev}'
     raise ValueError(f'global batch {global_batch} is not divisible by {n_dev} devices; use a multiple of {n_dev} '
-                     f'(e.g. {max(lower, n_dev)} or {lower + n_dev})')
+                     f'(e.g. {nearest})')
   if global_batch % n_proc:
     raise ValueError(f'global batch {global_batch} is not divisible by {n_proc} processes')
   if bn_group_size:

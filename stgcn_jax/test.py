@@ -11,8 +11,6 @@ The data settings (annotation file, split, modality, clip length) come from ``--
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 
 import jax
@@ -20,7 +18,6 @@ import ml_collections
 
 from stgcn_jax import checkpoint as ckpt_lib
 from stgcn_jax import evaluate as eval_lib
-from stgcn_jax import sharding as sharding_lib
 
 
 def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
@@ -35,10 +32,10 @@ def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_
 
 
 def main(argv=None) -> int:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
-  from stgcn_jax.train import _add_config_root
+  from stgcn_jax import cli
 
   flags.DEFINE_string('checkpoint', None, 'Checkpoint directory (training workdir/checkpoints or a converted one).',
                       required=True)
@@ -46,33 +43,21 @@ def main(argv=None) -> int:
   flags.DEFINE_string('split', None, 'Split to test (default: config.data.test_split).')
   flags.DEFINE_integer('num_clips', None, 'Clips per sample (default: config.data.test_clips, 10).')
   flags.DEFINE_string('dump', None, 'Write per-sample scores here (a .pkl), with a report beside it.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-host runs.')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
-  flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
+  cli.define_distributed_flags(flags)
   config_flags.DEFINE_config_file('config', None, 'Config file naming the data (configs/*.py).', lock_config=True)
-  argv = sys.argv if argv is None else argv
-  _add_config_root(argv)
-  code = 0
 
-  def run(_):
-    nonlocal code
-    FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-    sharding_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  def body(FLAGS) -> int:
     try:
       config = config_for(FLAGS.checkpoint, FLAGS.config)
       result = eval_lib.evaluate_checkpoint(FLAGS.checkpoint, config, split=FLAGS.split, num_clips=FLAGS.num_clips,
                                             step=FLAGS.step)
     except (ValueError, FileNotFoundError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      code = 2
-      return
+      return cli.fail(e)
     if jax.process_index() != 0:
-      return
+      return 0
     ds = result.dataset
     clips = FLAGS.num_clips or config.data.test_clips
     print(f'{ds.source} split {ds.split!r}: {len(ds)} samples, {clips} clip(s) each')
-    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
     for k, v in result.metrics.items():
       print(f'{k}: {v:.2f}')
     if FLAGS.dump:
@@ -80,13 +65,9 @@ def main(argv=None) -> int:
                                        {**result.meta, 'source': FLAGS.checkpoint})
       for name, path in outputs.items():
         print(f'{name}: {path}')
+    return 0
 
-  try:
-    app.run(run, argv=argv)
-  except SystemExit as e:
-    if e.code not in (None, 0):
-      return int(e.code) if isinstance(e.code, int) else 2
-  return code
+  return cli.run(body, argv)
 
 
 if __name__ == '__main__':

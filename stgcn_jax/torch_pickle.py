@@ -23,7 +23,6 @@ become ``ml_dtypes.bfloat16`` arrays (exact; ``.astype(np.float32)`` widens them
 from __future__ import annotations
 
 import _compat_pickle
-import collections
 import io
 import os
 import pickle
@@ -314,7 +313,7 @@ def _load_legacy(path: str, f) -> Any:
     pending[key] = (dtype, numel, buf)
     return buf
 
-  obj = _unpickle(f, path, read_storage)
+  _unpickle(f, path, read_storage)          # first pass: learns which storages exist and their sizes
   keys = _unpickle(f, path)
   if not isinstance(keys, list) or set(keys) != set(pending):
     raise CheckpointFormatError(f'{path}: the storage key list does not match the tensors; the file is corrupted')

@@ -37,10 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from stgcn_jax import checkpoint as ckpt_lib
@@ -606,67 +604,36 @@ class _NoBar:
 # Command line
 
 
-def _add_config_root(argv: list[str]) -> None:
-  """Config files import their base as ``from configs import base``: put the folder above ``configs/`` on the path."""
-  for i, arg in enumerate(argv):
-    path = arg.split('=', 1)[1] if arg.startswith('--config=') else argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None
-    if path:
-      root = str(Path(path.split(':', 1)[0]).absolute().parent.parent)
-      if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def main(argv=None) -> int:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from stgcn_jax import cli
 
   flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, metrics, config); resumed when it holds a '
                       'checkpoint.', required=True)
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-host runs (default: '
-                      'auto-detected from SLURM / Open MPI / TPU / JAX_COORDINATOR_ADDRESS).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process index (multi-host, with --coordinator_address).')
+  cli.define_distributed_flags(flags)
   config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).', lock_config=True)
-  argv = sys.argv if argv is None else argv
-  _add_config_root(argv)
-  code = 0
 
-  def run(_):
-    nonlocal code
-    FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-    sharding_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  def body(FLAGS) -> int:
     if FLAGS.config is None:
-      print('error: --config is required, e.g. --config configs/ntu60_2d_joint.py', file=sys.stderr)
-      code = 2
-      return
+      return cli.fail('--config is required, e.g. --config configs/ntu60_2d_joint.py')
     try:
       out = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, ckpt_lib.CheckpointError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      code = 2
-      return
+      return cli.fail(e)
     except SaveError as e:
-      print(f'error: {e}', file=sys.stderr)
-      code = SAVE_FAILED_EXIT_CODE
-      return
+      return cli.fail(e, SAVE_FAILED_EXIT_CODE)
     except NonFiniteLossError as e:
-      print(f'error: {e}', file=sys.stderr)
-      code = NONFINITE_EXIT_CODE
-      return
+      return cli.fail(e, NONFINITE_EXIT_CODE)
     except Preempted as e:
       print(str(e), file=sys.stderr)
-      code = PREEMPTED_EXIT_CODE
-      return
+      return PREEMPTED_EXIT_CODE
     if jax.process_index() == 0:
       _print_summary(out)
+    return 0
 
-  try:
-    app.run(run, argv=argv)
-  except SystemExit as e:
-    if e.code not in (None, 0):
-      return int(e.code) if isinstance(e.code, int) else 2
-  return code
+  return cli.run(body, argv)
 
 
 def _print_summary(out: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ import os
 import zipfile
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -18,7 +18,6 @@ from flax import nnx
 
 from stgcn_jax import checkpoint as ckpt_lib
 from stgcn_jax import sharding as sharding_lib
-from stgcn_jax import steps
 from stgcn_jax import train
 from tests.train_utils import tiny_config, write_random_annotations
 

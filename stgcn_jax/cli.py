@@ -1,0 +1,62 @@
+"""Plumbing shared by the absl command lines (``stgcn_jax.train``, ``stgcn_jax.test``): config files that
+import their base, the multi-host flags, logging, and exit statuses."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stgcn_jax import sharding as sharding_lib
+
+
+def add_config_root(argv: list[str]) -> None:
+  """Config files import their base as ``from configs import base``: put the folder above ``configs/`` on the path."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+    else:
+      continue
+    root = str(Path(path.split(':', 1)[0]).absolute().parent.parent)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def define_distributed_flags(flags) -> None:
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-host runs (default: '
+                      'auto-detected from SLURM / Open MPI / TPU / JAX_COORDINATOR_ADDRESS).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, with --coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process index (multi-host, with --coordinator_address).')
+
+
+def run(body: Callable[[Any], int | None], argv: list[str] | None = None) -> int:
+  """Parses the flags defined so far, starts the multi-host runtime when asked, runs ``body(FLAGS)`` and returns
+  its exit status (flag errors give absl's status)."""
+  from absl import app, flags
+
+  argv = sys.argv if argv is None else argv
+  add_config_root(argv)
+  status = 0
+
+  def main(_):
+    nonlocal status
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    FLAGS = flags.FLAGS
+    sharding_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    status = body(FLAGS) or 0
+
+  try:
+    app.run(main, argv=argv)
+  except SystemExit as e:
+    if e.code not in (None, 0):
+      return e.code if isinstance(e.code, int) else 2
+  return status
+
+
+def fail(message: Any, status: int = 2) -> int:
+  print(f'error: {message}', file=sys.stderr)
+  return status
