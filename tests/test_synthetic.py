@@ -186,5 +186,6 @@ def test_nearest_neighbour_on_raw_frames_is_far_from_solving_it(kind, tmp_path):
   dist = (x_val ** 2).sum(1)[:, None] - 2 * x_val @ x_train.T + (x_train ** 2).sum(1)[None]
   top1 = float(np.mean(train.labels[dist.argmin(1)] == val.labels))
   print(f'1-NN on raw frames, {kind}: top-1 {top1:.3f}')
-  # Better than chance (1/8: the frames carry the action) but far from solved.
-  assert 0.2 < top1 < 0.8, top1
+  # Better than chance (1/8: the frames carry the action) but well below STGCN++ (>= 90% in the demo run;
+  # measured at generator version 3: 0.59 in 2D, 0.71 in 3D).
+  assert 0.2 < top1 < 0.75, top1

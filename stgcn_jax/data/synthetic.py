@@ -18,18 +18,18 @@ and a frame in which a person is absent, are exact zeros (score 0), as the detec
 pickles store them. ``demo_meta`` (ignored by the loader) records the generator version and arguments, so
 :func:`ensure_demo_dataset` can tell a current demo file from a stale one.
 
-**Why it is not trivially separable.** Every sample draws its own nuisances (:data:`_NUISANCE` holds the
-spatial ones): speed (frequency x0.7-1.4), phase, amplitude, body size and proportions, position and
-distance, facing direction (a rotation about the vertical axis of up to +-30 degrees), camera height, tilt
-and focal length, start frame (an idle lead-in of up to a quarter of the sequence, sometimes an idle tail),
-sequence length (40-120 frames at 30 fps), left/right handedness (waving, kicking), per-joint jitter,
-missing joints (2D: half of the samples lose up to 3% of their joints) and lost frames (a person absent
-for 1-6 frames in 15% of the persons), and in a quarter of the samples a second person who idles or does
-the same action (the actor is not always person 0). The classes come in confusable pairs (waving / arm raise,
-jumping / squatting, kicking / walking in place, bowing / squatting) and every sample moves its idle limbs
-a little. A 1-nearest-neighbour classifier on raw, time-resampled frames is therefore far from perfect
-(``tests/test_synthetic.py`` measures it), while the action stays recognisable to a model that normalises
-the pose and looks at motion over time.
+**Why it is not trivially separable.** Every sample draws its own nuisances: speed (frequency x0.8-1.25),
+phase and drift, amplitude, body size and proportions, start frame (an idle lead-in of up to an eighth of the
+sequence, sometimes an idle tail), sequence length (40-120 frames at 30 fps), left/right handedness (waving,
+kicking), how much the idle limbs move, per-joint jitter, and in a quarter of the samples a second person who
+idles or does the same action (the actor is not always person 0). The spatial ones (:data:`_NUISANCE`:
+position, distance, facing direction, camera height, tilt and focal length, missing joints and lost frames)
+are deliberately mild: STGCN++ sees 2D joints in image coordinates (``PreNormalize2D`` does not centre the
+person), so large spatial variation mostly teaches invariances and slows learning without testing action
+recognition. Temporal misalignment, the second person and the confusable pairs (waving / arm raise, jumping /
+squatting, kicking / walking in place, bowing / squatting) keep a 1-nearest-neighbour classifier on raw,
+time-resampled frames well below the network (about 60% in 2D and 70% in 3D against >= 90%;
+``tests/test_synthetic.py`` measures it).
 
 Everything is a pure function of ``(seed, kind, split, index)`` (a ``numpy.random.Generator`` seeded per
 sample; the global RNG is never touched): the same arguments give identical arrays with the same numpy
@@ -51,7 +51,7 @@ __all__ = ['DEMO_CLASSES', 'DEMO_VERSION', 'DEMO_SPLITS', 'LAYOUTS_BY_KIND', 'ge
            'ensure_demo_dataset', 'default_demo_path', 'is_current_demo_file', 'demo_sample']
 
 # Bump whenever the generated content changes: ensure_demo_dataset then regenerates old files.
-DEMO_VERSION = 1
+DEMO_VERSION = 3
 
 DEMO_CLASSES = ('waving', 'clapping', 'jumping', 'squatting', 'kicking', 'walking_in_place', 'arms_raise',
                 'bowing')
@@ -193,8 +193,8 @@ _NTU_JOINTS = ('pelvis', 'spine_mid', 'neck', 'head', 'l_shoulder', 'l_elbow', '
 
 def _envelope(t: int, rng: np.random.Generator, min_active: int) -> np.ndarray:
   """``(T,)`` in [0, 1]: 0 during an idle lead-in (and sometimes a tail), 1 while acting, smooth ramps."""
-  lead = int(rng.integers(0, max(1, min(t - min_active, t // 4) + 1)))
-  tail = int(rng.integers(0, max(1, (t - lead - min_active) // 4 + 1))) if rng.random() < 0.4 else 0
+  lead = int(rng.integers(0, max(1, min(t - min_active, t // 8) + 1)))
+  tail = int(rng.integers(0, max(1, (t - lead - min_active) // 8 + 1))) if rng.random() < 0.3 else 0
   ramp = 6.0
   f = np.arange(t, dtype=np.float64)
   up = np.clip((f - lead) / ramp, 0, 1)
@@ -341,13 +341,13 @@ _ACTIONS: tuple[Callable[..., None], ...] = (_waving, _clapping, _jumping, _squa
 def _animate(label: int | None, t: int, rng: np.random.Generator, lead_env: np.ndarray | None = None
              ) -> dict[str, np.ndarray]:
   """Body-frame joints of one person doing ``label`` (None: idling) over ``t`` frames."""
-  size = rng.uniform(0.85, 1.12)
+  size = rng.uniform(*_NUISANCE['size'])
   bones = _bones(size, rng)
   ang = _Angles(t)
-  _idle(ang, rng, t, amount=rng.uniform(0.5, 1.5))
+  _idle(ang, rng, t, amount=rng.uniform(0.5, 1.0))
   if label is not None:
     env = _envelope(t, rng, min_active=min(t, 36)) if lead_env is None else lead_env
-    _ACTIONS[label](ang, rng, t, env, rng.uniform(0.7, 1.4), rng.uniform(0.75, 1.2))
+    _ACTIONS[label](ang, rng, t, env, rng.uniform(0.8, 1.25), rng.uniform(0.9, 1.15))
   return _pose(ang, bones)
 
 
@@ -371,11 +371,11 @@ def _place(joints: dict[str, np.ndarray], names: tuple[str, ...], rng: np.random
 
 class _Camera:
   def __init__(self, rng: np.random.Generator, kind: str):
-    self.height = rng.uniform(0.7, 1.3) if kind == '3d' else rng.uniform(0.9, 1.8)
-    self.tilt = np.radians(rng.uniform(-8, 8) if kind == '3d' else rng.uniform(-5, 15))   # looking down: > 0
+    self.height = rng.uniform(0.9, 1.1) if kind == '3d' else rng.uniform(1.1, 1.4)
+    self.tilt = np.radians(rng.uniform(-3, 3) if kind == '3d' else rng.uniform(2, 8))   # looking down: > 0
     self.focal = rng.uniform(*_NUISANCE['focal'])
     h, w = IMG_SHAPE
-    self.center = (w / 2 + rng.uniform(-80, 80), h / 2 + rng.uniform(-60, 60))
+    self.center = (w / 2 + rng.uniform(-10, 10), h / 2 + rng.uniform(-10, 10))
 
   def to_camera(self, world: np.ndarray) -> np.ndarray:
     """World -> camera frame (metres; x to the camera's left, y up, z forward)."""
@@ -391,8 +391,8 @@ class _Camera:
 
 
 # Spatial nuisances and missing data (see the module docstring); bump DEMO_VERSION when changing them.
-_NUISANCE = dict(x_range=0.4, yaw_deg=30.0, p_second=0.25, p_missing=0.5, p_missing_max=0.03, p_lost=0.15,
-                 depth=(2.8, 4.0), focal=(1100, 1500))
+_NUISANCE = dict(x_range=0.05, yaw_deg=5.0, p_second=0.25, p_missing=0.1, p_missing_max=0.01, p_lost=0.05,
+                 depth=(3.3, 3.5), focal=(1280, 1320), size=(0.95, 1.05), score_noise=0.005)
 
 
 def _frame_in_view(px: np.ndarray, present: np.ndarray, margin: float = 30.0) -> np.ndarray:
@@ -446,7 +446,7 @@ def demo_sample(kind: str, label: int, rng: np.random.Generator, min_frames: int
   height_px = np.ptp(px[..., 1], axis=-1).mean(axis=1)                     # (M,) person size in pixels
   jitter = rng.uniform(0.003, 0.012) * height_px[:, None, None, None]
   px = px + rng.normal(0, 1, px.shape) * jitter
-  score = np.clip(rng.uniform(0.75, 0.95) + rng.normal(0, 0.03, (m, t, v)), 0.3, 1.0)
+  score = np.clip(rng.uniform(0.75, 0.95) + rng.normal(0, _NUISANCE['score_noise'], (m, t, v)), 0.3, 1.0)
   miss = rng.uniform(0.0, _NUISANCE['p_missing_max']) if rng.random() < _NUISANCE['p_missing'] else 0.0
   visible = (rng.random((m, t, v)) >= miss) & present[..., None]
   kp = px * visible[..., None]
