@@ -479,7 +479,7 @@ def default_demo_path(kind: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def generate_demo_dataset(path: str | os.PathLike, kind: str = '2d', *, seed: int = 0, num_train: int = 800,
-                          num_val: int = 240, min_frames: int = 40, max_frames: int = 120) -> Path:
+                          num_val: int = 96, min_frames: int = 40, max_frames: int = 120) -> Path:
   """Writes the demo annotation pickle to ``path`` (atomically: a temporary file renamed into place).
 
   Args:
@@ -543,7 +543,7 @@ def is_current_demo_file(path: str | os.PathLike, kind: str, **kwargs: Any) -> b
   return isinstance(data, dict) and data.get('demo_meta') == expected
 
 
-_GENERATE_DEFAULTS = dict(seed=0, num_train=800, num_val=240, min_frames=40, max_frames=120)
+_GENERATE_DEFAULTS = dict(seed=0, num_train=800, num_val=96, min_frames=40, max_frames=120)
 
 
 def ensure_demo_dataset(path: str | os.PathLike | None = None, kind: str = '2d', **kwargs: Any) -> Path:
