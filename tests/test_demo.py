@@ -14,7 +14,7 @@ from stgcn_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shortened 2D demo: 100 steps of 16 clips of 16 frames (the demo: 250 steps of 24 frames). Measured:
-# val top-1 47.9, 2-clip test 45.8 (chance 12.5); about 3 minutes on a busy 2-core CPU.
+# val top-1 47.9, 2-clip test 45.8 (chance 12.5); 100 s on a shared 2-core CPU.
 SHORT = dict(num_train=800, num_val=48, clip_len=16, train_repeat=1, epochs=2, min_top1=35.0)
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
