@@ -67,6 +67,13 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def python3_name(module: str, name: str) -> tuple[str, str]:
+  """Protocol 0-2 pickles use Python 2 names (``__builtin__.xrange``, ``copy_reg``, ...): map them as pickle does."""
+  if (module, name) in _compat_pickle.NAME_MAPPING:
+    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+  return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
 
   def __init__(self, file, source: str):
@@ -74,10 +81,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._source = source
 
   def find_class(self, module: str, name: str) -> Any:
-    # Protocol 0-2 pickles use Python 2 names (__builtin__.xrange, copy_reg, ...); map them as pickle does.
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    module, name = python3_name(module, name)
     resolver = ALLOWED_GLOBALS.get((module, name))
     if resolver is None:
       raise UnsafePickleError(

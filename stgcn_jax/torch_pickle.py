@@ -22,7 +22,6 @@ become ``ml_dtypes.bfloat16`` arrays (exact; ``.astype(np.float32)`` widens them
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import os
 import pickle
@@ -35,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from stgcn_jax.safe_pickle import ALLOWED_GLOBALS as _NUMPY_AND_BUILTIN_GLOBALS
+from stgcn_jax.safe_pickle import python3_name
 
 __all__ = ['CheckpointFormatError', 'UnsafeCheckpointError', 'IgnoredObject', 'TorchCheckpoint', 'load',
            'load_checkpoint', 'load_state_dict', 'ALLOWED_GLOBALS']
@@ -216,9 +216,7 @@ class _Unpickler(pickle.Unpickler):
     self._storages: dict[str, _Storage] = {}
 
   def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    module, name = python3_name(module, name)
     resolver = ALLOWED_GLOBALS.get((module, name))
     if resolver is None:
       if module == 'torch' and name.endswith('Storage'):
