@@ -8,9 +8,8 @@ On first use the run writes ``data/demo/demo_2d.pkl`` (relative to the working d
 channels), trained from scratch for 250 steps (5 epochs) of 16 clips of 24 frames.
 
 Expected top-1 (10-clip test on the validation split): 90.6 (validation 1-clip top-1 by step: 42.7 at 50, 66.7
-at 100, 82.3 at 150, 92.7 at 200, 90.6 at 250). Time: the target is under 5 minutes on an idle 2-core CPU
-(about 1 s per step plus a minute of compilation, validation and the test); on a shared, busy 2-core machine
-it took 830 s (1.4-3 s per step).
+at 100, 82.3 at 150, 92.7 at 200, 90.6 at 250). Time: 260 s from start to the end of the test on an idle 2-core
+CPU (4 min 24 s for the whole command); 830 s on a shared, busy one.
 """
 
 from configs import base
