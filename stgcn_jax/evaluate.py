@@ -113,5 +113,5 @@ def write_outputs(dump: str | os.PathLike, scores: np.ndarray, dataset, class_na
   dump = Path(dump)
   results_lib.write_results(dump, scores=scores, labels=dataset.labels, frame_dirs=[str(f) for f in dataset.frame_dirs],
                             class_names=class_names, meta={k: v for k, v in meta.items() if k in ('feat', 'source')})
-  written = report.write_report(scores, dataset.labels, class_names, dump.with_suffix(''))
+  written = report.write_report(scores, dataset.labels, class_names, report.report_prefix(dump))
   return {'dump': str(dump), **{k: str(v) for k, v in dict(written).items()}}
