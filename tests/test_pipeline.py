@@ -124,6 +124,12 @@ def test_train_batches_follow_the_epoch_order_with_valid_sampled_frames(ds2d):
   assert labels.dtype == np.int32 and np.array_equal(labels, ds2d.labels[idx])
   for b in batches:
     assert b['keypoint'].shape == (4, 1, 2, 100, 17, 3) and b['keypoint'].dtype == np.float32
+  # Position g is sample idx[g], sampled with record_rng(seed, g).
+  for g in (0, 5, 11):
+    i = int(idx[g])
+    want = T.process_keypoints(ds2d.packed(i), is_2d=True, layout='coco', feat='j', clip_len=100, test_mode=False,
+                               rng=P.record_rng(7, g), img_shape=ds2d.img_shape(i))
+    assert np.array_equal(batches[g // 4]['keypoint'][g % 4], want)
   # Every sampled frame of person 0 is a frame of the pre-normalised sequence; T >= 2*clip_len samples one
   # frame from each bin of T/100 frames, in order; the same sample at two positions is sampled differently.
   rows = np.concatenate([b['keypoint'][:, 0, 0] for b in batches])          # (12, 100, V, C)
@@ -138,6 +144,14 @@ def test_train_batches_follow_the_epoch_order_with_valid_sampled_frames(ds2d):
       assert np.array_equal(frames // 3, np.arange(100)), frames
       long_outputs.append(row)
   assert len(long_outputs) >= 2 and not np.array_equal(long_outputs[0], long_outputs[1])
+
+
+def test_record_rng_is_grains_random_map_generator():
+  """The per-position generator equals the one Grain's random_map hands element g (the stream's history)."""
+  draws = grain.MapDataset.range(0, 1000).random_map(lambda g, rng: rng.integers(1 << 62, size=3), seed=42)
+  for g in (0, 1, 17, 999):
+    assert np.array_equal(P.record_rng(42, g).integers(1 << 62, size=3), draws[g])
+  assert not np.array_equal(P.record_rng(43, 1).integers(1 << 62, size=3), draws[1])
 
 
 def test_train_stream_is_deterministic_and_depends_on_the_seed(ds2d):

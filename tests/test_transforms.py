@@ -115,6 +115,27 @@ def test_fast_path_equals_plain_composition(dim):
           assert np.array_equal(got, want), (dim, t, m, feat, num_clips, test_mode)
 
 
+@pytest.mark.parametrize('dim', sorted(DIMS))
+def test_out_buffer_receives_the_result_in_place(dim):
+  """``out=`` (a batch row in the pipelines) gets exactly the returned result, padding persons zeroed."""
+  rng = np.random.default_rng(1)
+  for m, t in ((1, 50), (2, 300), (3, 120)):
+    sample = _random_sample(rng, dim, m, t)
+    kp = sample['keypoint'] if dim == '3d' else T.pack_2d(sample['keypoint'], sample['keypoint_score'])
+    for feat, num_clips, test_mode in (('j', 10, True), ('bm', 1, False), ('b', 2, False)):
+      kw = dict(is_2d=dim == '2d', layout=DIMS[dim], feat=feat, clip_len=40, num_clips=num_clips,
+                test_mode=test_mode, img_shape=sample.get('img_shape'))
+      want = T.process_keypoints(kp, rng=np.random.default_rng(5), **kw)
+      out = np.full(want.shape, np.nan, np.float32)
+      got = T.process_keypoints(kp, rng=np.random.default_rng(5), out=out, **kw)
+      assert got is out and np.array_equal(out, want), (dim, m, t, feat)
+  for bad in (np.empty((10, 2, 40, 17, 3), np.float64), np.empty((10, 2, 40, 17, 4), np.float32)[..., :3],
+              np.empty((10, 2, 41, 17, 3), np.float32)):
+    with pytest.raises(ValueError, match='out must be a writeable C-contiguous float32 array'):
+      T.process_keypoints(np.zeros((2, 60, 17, 3), np.float32), is_2d=True, layout='coco', feat='j', clip_len=40,
+                          num_clips=10, test_mode=True, out=bad)
+
+
 def test_pre_normalize_2d_by_hand():
   kp = np.array([[[[0, 0], [1920, 1080], [960, 540], [480, 810]]]], dtype=np.float32)   # (1, 1, 4, 2)
   score = np.array([[[0.0, 0.5, 1.0, 0.25]]], dtype=np.float32)

@@ -6,30 +6,34 @@ for any number of worker processes.
 
 **Training** (:func:`make_train_iterator`) reads top to bottom:
 
-  epoch order (source) -> ``random_map`` (frame sampling + features per sample) -> ``batch(B_local)`` ->
-  ``[p::P]`` (this process's rows) -> ``to_iter_dataset`` -> ``mp_prefetch`` (workers)
+  stream positions -> ``batch(B_local)`` -> ``[p::P]`` (this process's batches) -> ``map`` (epoch order, frame
+  sampling and features of the whole batch, written in place) -> ``to_iter_dataset`` -> ``mp_prefetch``
 
 * One *epoch* is the split repeated ``repeat`` times (mmaction2's ``RepeatDataset``; ``repeat=5`` with 16
   epochs is the "80e" schedule), shuffled with a permutation seeded by ``(seed, epoch)``, cut to a whole
   number of global batches (the remainder is dropped: static shapes). Epochs follow each other forever.
 * ``g``, the position in this global stream, is the only input of each element: the sample is
-  ``perm_epoch[g mod per_epoch] mod N`` and its frame sampling uses the ``np.random.Generator`` that Grain's
-  ``random_map`` derives from ``(seed, g)``. So the global stream depends only on (dataset, seed, global batch
-  size, repeat, feature settings), never on the process count or the worker count. (It is also tied to
-  numpy's ``Generator.permutation`` and Philox streams, which numpy keeps stable across releases.)
+  ``perm_epoch[g mod per_epoch] mod N`` and its frame sampling uses :func:`record_rng` ``(seed, g)``, the
+  generator Grain's ``random_map`` derives from ``(seed, g)``. So the global stream depends only on (dataset,
+  seed, global batch size, repeat, feature settings), never on the process count or the worker count. (It is
+  also tied to numpy's ``Generator.permutation`` and Philox streams, which numpy keeps stable across releases.)
 * Global batch ``b`` is positions ``[b*B, (b+1)*B)``; process ``p`` of ``P`` takes its rows
-  ``[p*B_local, (p+1)*B_local)``. Batching by ``B_local`` first and then taking every ``P``-th batch from
-  ``p`` gives exactly those rows, and each process computes only its own samples.
+  ``[p*B_local, (p+1)*B_local)``. Batching the positions by ``B_local`` first and then taking every
+  ``P``-th batch from ``p`` gives exactly those rows, and each process computes only its own samples.
+* Samples are processed a batch per ``map`` call into one preallocated array: per-record Grain overhead and
+  the stacking copy cost as much as the transform itself for 2D skeletons.
 
 **Evaluation** (:func:`make_eval_iterator`): the dataset in order, padded to a whole number of global
-batches of ``batch_size * shard_count`` with masked-out zero samples, split the same way, so every shard
-yields the same number of batches and every sample appears exactly once with ``mask`` True.
+batches of ``batch_size * shard_count`` with masked-out zero samples, split the same way (positions batched,
+then mapped a batch at a time), so every shard yields the same number of batches and every sample appears
+exactly once with ``mask`` True.
 
 Shape letters: B batch, NC clips, M=2 persons, T=clip_len frames, V joints, C=3 channels.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 import sys
 import threading
@@ -45,7 +49,7 @@ from stgcn_jax.data.annotations import SkeletonDataset
 from stgcn_jax.graph import Layout, get_layout
 
 __all__ = ['steps_per_epoch', 'make_train_iterator', 'make_eval_iterator', 'num_eval_batches', 'TrainOrder',
-           'NUM_PERSON']
+           'record_rng', 'NUM_PERSON']
 
 NUM_PERSON = 2                 # FormatGCNInput(num_person=2) of every STGCN++ config
 
@@ -131,8 +135,7 @@ class TrainOrder(Sequence):
   first ``L`` entries of a permutation of ``range(N * repeat)`` (every sample ``repeat`` times) drawn by a
   ``np.random.Generator`` seeded with ``(seed, e)``, each taken ``mod N``. The two most recent epochs'
   permutations are cached per process (8 bytes per entry: 1.6 MB for NTU60 x-sub x 5); they are never
-  pickled to workers, which rebuild them. A Grain random-access source: ``len`` is ``sys.maxsize`` (an
-  endless stream).
+  pickled to workers, which rebuild them. ``len`` is ``sys.maxsize`` (an endless stream).
   """
 
   def __init__(self, num_samples: int, repeat: int, global_batch_size: int, seed: int):
@@ -178,20 +181,47 @@ class TrainOrder(Sequence):
     return int(self.epoch(epoch)[k])
 
 
-class _TrainSample(grain.transforms.RandomMap):
-  """Dataset index -> ``{'keypoint': float32 (1, M, T, V, C), 'label': int32}`` with training sampling."""
+def record_rng(seed: int, position: int) -> np.random.Generator:
+  """The ``np.random.Generator`` that samples the frames of training stream position ``position``.
 
-  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int):
-    self.dataset, self.feat, self.layout, self.clip_len = dataset, feat, layout, clip_len
+  A Philox stream keyed by ``seed`` (through numpy's ``SeedSequence``) with the counter ``(0, 0, 0,
+  position)``: the generator Grain's ``MapDataset.random_map(seed=seed)`` gives element ``position``, built
+  directly so that a whole batch is sampled in one map call.
+  """
+  key = _philox_key(int(seed))
+  return np.random.Generator(np.random.Philox(counter=np.array([0, 0, 0, position], np.uint64), key=key))
 
-  def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    i = int(element)
+
+@functools.lru_cache(maxsize=16)
+def _philox_key(seed: int) -> np.ndarray:
+  key = np.random.Philox(seed).state['state']['key']
+  key.flags.writeable = False
+  return key
+
+
+class _TrainBatch(grain.transforms.Map):
+  """Stream positions ``(B_local,)`` -> ``{'keypoint': float32 (B_local, 1, M, T, V, C), 'label': int32}``.
+
+  Position ``g`` is sample ``order[g]``, sampled with :func:`record_rng` ``(seed, g)``. One call builds the
+  whole batch in place: no per-record Grain overhead and no stacking copy.
+  """
+
+  def __init__(self, dataset: SkeletonDataset, order: TrainOrder, *, feat: str, layout: Layout, clip_len: int,
+               seed: int):
+    self.dataset, self.order, self.feat, self.layout = dataset, order, feat, layout
+    self.clip_len, self.seed = clip_len, seed
+
+  def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     ds = self.dataset
-    # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
-    keypoint = transforms.process_keypoints(
-        ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len, num_clips=1,
-        test_mode=False, rng=rng, img_shape=ds.img_shape(i), num_person=NUM_PERSON)
-    return {'keypoint': keypoint, 'label': np.int32(ds.labels[i])}
+    indices = np.array([self.order[int(g)] for g in positions], np.int64)
+    out = np.empty((len(indices), 1, NUM_PERSON, self.clip_len, self.layout.num_node, 3), np.float32)
+    for row, (g, i) in enumerate(zip(positions, indices)):
+      # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
+      transforms.process_keypoints(
+          ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
+          num_clips=1, test_mode=False, rng=record_rng(self.seed, int(g)), img_shape=ds.img_shape(i),
+          num_person=NUM_PERSON, out=out[row])
+    return {'keypoint': out, 'label': ds.labels[indices].astype(np.int32)}
 
 
 def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
@@ -231,10 +261,10 @@ def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | La
     raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
   local_batch = global_batch_size // shard_count
   order = TrainOrder(len(dataset), repeat, global_batch_size, int(seed))
-  ds = (grain.MapDataset.source(order)                                       # position g -> sample index
-        .random_map(_TrainSample(dataset, feat=feat, layout=layout, clip_len=clip_len), seed=int(seed))
+  ds = (grain.MapDataset.range(0, sys.maxsize)                               # stream position g
         .batch(local_batch, drop_remainder=True)                              # k: positions [k*B_local, ...)
-        [shard_index::shard_count])                                           # k = b*P + p: rows of process p
+        [shard_index::shard_count]                                            # k = b*P + p: rows of process p
+        .map(_TrainBatch(dataset, order, feat=feat, layout=layout, clip_len=clip_len, seed=int(seed))))
   return iter(_to_iterable(ds, int(num_workers), num_threads, prefetch))
 
 
@@ -242,25 +272,29 @@ def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | La
 # Evaluation
 
 
-class _EvalSample(grain.transforms.Map):
-  """Padded-split position -> one sample with deterministic test-mode clips, or a masked zero sample."""
+class _EvalBatch(grain.transforms.Map):
+  """Padded-split positions ``(B,)`` -> a batch of deterministic test-mode clips; positions past the split
+  are masked-out zero samples (never computed on)."""
 
   def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int):
     self.dataset, self.feat, self.layout = dataset, feat, layout
     self.clip_len, self.num_clips = clip_len, num_clips
 
-  def map(self, element: int) -> dict[str, np.ndarray]:
-    i = int(element)
+  def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     ds = self.dataset
-    if i >= len(ds):
-      # Padding of the last global batch: never computed on, dropped by the mask.
-      shape = (self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3)
-      return {'keypoint': np.zeros(shape, np.float32), 'label': np.int64(-1), 'index': np.int64(-1),
-              'mask': np.bool_(False)}
-    keypoint = transforms.process_keypoints(
-        ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
-        num_clips=self.num_clips, test_mode=True, img_shape=ds.img_shape(i), num_person=NUM_PERSON)
-    return {'keypoint': keypoint, 'label': np.int64(ds.labels[i]), 'index': np.int64(i), 'mask': np.bool_(True)}
+    mask = positions < len(ds)
+    out = np.empty((len(positions), self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3),
+                   np.float32)
+    out[~mask] = 0
+    for row in np.flatnonzero(mask):
+      i = int(positions[row])
+      transforms.process_keypoints(
+          ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
+          num_clips=self.num_clips, test_mode=True, img_shape=ds.img_shape(i), num_person=NUM_PERSON,
+          out=out[row])
+    index = np.where(mask, positions, -1).astype(np.int64)
+    label = np.where(mask, ds.labels[np.minimum(positions, len(ds) - 1)], -1).astype(np.int64)
+    return {'keypoint': out, 'label': label, 'index': index, 'mask': mask}
 
 
 def num_eval_batches(num_samples: int, batch_size: int, shard_count: int = 1) -> int:
@@ -297,7 +331,7 @@ def make_eval_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Lay
   shard_index, shard_count = _check_shard(shard_index, shard_count)
   padded = num_eval_batches(len(dataset), batch_size, shard_count) * batch_size * shard_count
   ds = (grain.MapDataset.range(padded)                                        # positions >= N are padding
-        .map(_EvalSample(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips))
         .batch(batch_size, drop_remainder=True)
-        [shard_index::shard_count])
+        [shard_index::shard_count]
+        .map(_EvalBatch(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips)))
   return _to_iterable(ds, int(num_workers), num_threads, prefetch)

@@ -97,11 +97,19 @@ def _pre_normalize_2d_packed(x: np.ndarray, img_shape: Sequence[int] | None) -> 
   h, w = DEFAULT_IMG_SHAPE if img_shape is None else img_shape
   # float32 arithmetic with a Python-float w/2, as the reference (exact for any image size < 2**24). The score
   # channel goes through (s - 0) / 1, which leaves it bit-identical.
-  sub = np.tile(np.array([int(w) / 2, int(h) / 2, 0], dtype=np.float32), v)
-  div = np.tile(np.array([int(w) / 2, int(h) / 2, 1], dtype=np.float32), v)
+  sub, div = _pre_normalize_2d_constants(int(w), int(h), v)
   y = np.subtract(x.reshape(m, t, v * c), sub, dtype=np.float32)         # (M, T, V*C): long inner loops
   y /= div
   return y.reshape(m, t, v, c)
+
+
+@functools.lru_cache(maxsize=64)
+def _pre_normalize_2d_constants(w: int, h: int, v: int) -> tuple[np.ndarray, np.ndarray]:
+  """The per-(joint, channel) float32 offset and divisor of :func:`pre_normalize_2d`, read-only."""
+  sub = np.tile(np.array([w / 2, h / 2, 0], dtype=np.float32), v)
+  div = np.tile(np.array([w / 2, h / 2, 1], dtype=np.float32), v)
+  sub.flags.writeable = div.flags.writeable = False
+  return sub, div
 
 
 def _dot3(x: Any, y: Any) -> Any:
@@ -400,20 +408,27 @@ def format_gcn_input(x: np.ndarray, num_clips: int, num_person: int = 2) -> np.n
   return _gather_format(x, np.arange(total), num_clips, num_person)
 
 
-def _gather_format(x: np.ndarray, inds: np.ndarray, num_clips: int, num_person: int) -> np.ndarray:
-  """``format_gcn_input(x[:, inds])`` (PoseDecode + FormatGCNInput) as one gather into the output layout."""
+def _gather_format(x: np.ndarray, inds: np.ndarray, num_clips: int, num_person: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
+  """``format_gcn_input(x[:, inds])`` (PoseDecode + FormatGCNInput) as one gather into the output layout,
+  written into ``out`` (C-contiguous float32 of the result's shape) when given."""
   m, t, v, c = x.shape
   keep = min(m, num_person)
   clip_len = inds.size // num_clips
+  shape = (num_clips, num_person, clip_len, v, c)
+  if out is None:
+    out = np.empty(shape, np.float32)
+  elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+    raise ValueError(f'out must be a writeable C-contiguous float32 array of shape {shape}, got {out.dtype} '
+                     f'{out.shape}')
   rows = x[:keep].reshape(keep * t, v * c).astype(np.float32, copy=False)  # (M*T, V*C)
   # Row of (clip i, person p, frame k) = p*T + inds[i*clip_len + k]: (nc, M, clip_len) -> (nc, M, clip_len, V*C)
   idx = np.arange(keep)[None, :, None] * t + inds.reshape(num_clips, 1, clip_len)
-  if keep == num_person:
-    out = np.take(rows, idx, axis=0)
-  else:
-    out = np.zeros((num_clips, num_person, clip_len, v * c), dtype=np.float32)
-    out[:, :keep] = np.take(rows, idx, axis=0)
-  return out.reshape(num_clips, num_person, clip_len, v, c)
+  flat = out.reshape(num_clips, num_person, clip_len, v * c)              # a view: out is contiguous
+  # Every index is in range, so mode='clip' changes nothing but lets take write into `flat` unbuffered.
+  np.take(rows, idx, axis=0, out=flat if keep == num_person else flat[:, :keep], mode='clip')
+  flat[:, keep:] = 0
+  return out
 
 
 def _pair_motion(cur: np.ndarray, nxt: np.ndarray, last: np.ndarray, has_score: bool) -> np.ndarray:
@@ -434,9 +449,12 @@ def _bone_parents_cached(layout: Layout) -> np.ndarray:
 
 def process_keypoints(keypoint: np.ndarray, *, is_2d: bool, layout: str | Layout | Mapping,
                       feat: str | Sequence[str], clip_len: int = 100, num_clips: int = 1, test_mode: bool,
-                      rng: Rng | None = None, img_shape: Sequence[int] | None = None, num_person: int = 2
-                      ) -> np.ndarray:
+                      rng: Rng | None = None, img_shape: Sequence[int] | None = None, num_person: int = 2,
+                      out: np.ndarray | None = None) -> np.ndarray:
   """:func:`process_sample` on arrays: ``keypoint`` is ``(M, T, V, 3)``, for 2D packed as (x, y, score) pixels.
+
+  ``out``, when given, is a C-contiguous float32 array of the result's shape ``(num_clips, num_person,
+  clip_len, V, C)`` that receives the result (a batch row, say), and is returned.
 
   The result equals prenormalise -> features on the full sequence -> sample -> format (and is tested to be
   identical to it and to mmaction2), but it is computed only on the frames that are sampled (and their
@@ -476,7 +494,7 @@ def process_keypoints(keypoint: np.ndarray, *, is_2d: bool, layout: str | Layout
   if inds.size * (2 if motion else 1) >= num_frames:
     # Sampling touches every frame anyway (e.g. 10 test clips): the plain order is the cheapest.
     full = skeleton_features(normalize(slice(None))[:num_person], feats, parents, is_2d)
-    return _gather_format(full, inds, num_clips, num_person)
+    return _gather_format(full, inds, num_clips, num_person, out)
   else:
     cur = normalize(inds)                              # (M, nc*clip_len, V, 3)
     if motion:
@@ -493,8 +511,8 @@ def process_keypoints(keypoint: np.ndarray, *, is_2d: bool, layout: str | Layout
       else:
         streams.append(_pair_motion(joint_to_bone(cur, parents, is_2d), joint_to_bone(nxt, parents, is_2d),
                                     last, is_2d))
-    out = streams[0] if len(streams) == 1 else np.concatenate(streams, axis=-1)
-  return _gather_format(out, np.arange(inds.size), num_clips, num_person)
+    sel = streams[0] if len(streams) == 1 else np.concatenate(streams, axis=-1)
+  return _gather_format(sel, np.arange(inds.size), num_clips, num_person, out)
 
 
 def process_sample(sample: Mapping[str, Any], *, layout: str | Layout | Mapping, feat: str | Sequence[str],
