@@ -13,6 +13,7 @@ Kernels are stored channels last: a 1×1 conv is ``(C_in, C_out)``, a temporal c
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -68,29 +69,49 @@ class BatchNorm(nnx.Module):
     self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))  # PyTorch's counter, kept for export
 
   def __call__(self, x: Array, *, train: bool, groups: int = 1) -> Array:
-    out_dtype = x.dtype
-    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    x = x.astype(stat_dtype)
-    scale, bias = self.scale[...].astype(stat_dtype), self.bias[...].astype(stat_dtype)
-    if not train:
-      inv = jax.lax.rsqrt(self.var[...].astype(stat_dtype) + BN_EPS) * scale
-      return (x * inv + (bias - self.mean[...].astype(stat_dtype) * inv)).astype(out_dtype)
-    if x.shape[0] % groups:
-      raise ValueError(f'BatchNorm: leading axis {x.shape[0]} is not divisible into {groups} statistics groups')
-    # One group: reduce a 2-D (rows, C) view. XLA's CPU gradient of a reduction over the middle axis of a
-    # (1, rows, C) array is several times slower than over axis 0 of (rows, C), for the same result.
-    xg = x.reshape(-1, x.shape[-1]) if groups == 1 else x.reshape(groups, -1, x.shape[-1])  # ([G,] rows, C)
-    n = xg.shape[-2]
-    mean = xg.mean(axis=-2, keepdims=True)                     # ([G,] 1, C)
-    var = jnp.square(xg - mean).mean(axis=-2, keepdims=True)  # biased, used to normalise
-    y = (xg - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
+    y, stats = batch_norm(x, self.scale[...], self.bias[...], self.mean[...], self.var[...], train=train,
+                          groups=groups)
+    if train:
+      self.update(*stats)
+    return y
+
+  def update(self, batch_mean: Array, batch_var: Array) -> None:
+    """Moves the running statistics towards a batch's mean and unbiased variance (momentum 0.1)."""
     m = BN_MOMENTUM
-    unbiased = var * (n / max(n - 1, 1))
-    group_axes = tuple(range(mean.ndim - 1))
-    self.mean[...] = ((1 - m) * self.mean[...] + m * mean.mean(axis=group_axes)).astype(self.mean[...].dtype)
-    self.var[...] = ((1 - m) * self.var[...] + m * unbiased.mean(axis=group_axes)).astype(self.var[...].dtype)
+    self.mean[...] = ((1 - m) * self.mean[...] + m * batch_mean).astype(self.mean[...].dtype)
+    self.var[...] = ((1 - m) * self.var[...] + m * batch_var).astype(self.var[...].dtype)
     self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-    return y.reshape(x.shape).astype(out_dtype)
+
+
+def batch_norm(x: Array, scale: Array, bias: Array, mean: Array, var: Array, *, train: bool, groups: int = 1
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+  """PyTorch BatchNorm over the last axis of ``x`` as a function: ``(y, stats)``.
+
+  Eval (``train=False``) uses the running ``mean``/``var``; ``stats`` is ``None``. Training normalises each of
+  ``groups`` equal, contiguous slices of the leading axis with its biased batch variance and returns
+  ``stats = (mean, unbiased variance)`` averaged over the groups, for :meth:`BatchNorm.update`. Statistics
+  are computed in at least float32; ``y`` has ``x``'s dtype.
+  """
+  out_dtype = x.dtype
+  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  x = x.astype(stat_dtype)
+  scale, bias = scale.astype(stat_dtype), bias.astype(stat_dtype)
+  if not train:
+    inv = jax.lax.rsqrt(var.astype(stat_dtype) + BN_EPS) * scale
+    return (x * inv + (bias - mean.astype(stat_dtype) * inv)).astype(out_dtype), None
+  if x.shape[0] % groups:
+    raise ValueError(f'BatchNorm: leading axis {x.shape[0]} is not divisible into {groups} statistics groups')
+  # One group: reduce a 2-D (rows, C) view. XLA's CPU gradient of a reduction over the middle axis of a
+  # (1, rows, C) array is several times slower than over axis 0 of (rows, C), for the same result.
+  xg = x.reshape(-1, x.shape[-1]) if groups == 1 else x.reshape(groups, -1, x.shape[-1])  # ([G,] rows, C)
+  n = xg.shape[-2]
+  batch_mean = xg.mean(axis=-2, keepdims=True)                       # ([G,] 1, C)
+  batch_var = jnp.square(xg - batch_mean).mean(axis=-2, keepdims=True)  # biased, used to normalise
+  y = (xg - batch_mean) * jax.lax.rsqrt(batch_var + BN_EPS) * scale + bias
+  unbiased = batch_var * (n / max(n - 1, 1))
+  group_axes = tuple(range(batch_mean.ndim - 1))
+  stats = (batch_mean.mean(axis=group_axes), unbiased.mean(axis=group_axes))
+  return y.reshape(x.shape).astype(out_dtype), stats
 
 
 class Conv1x1(nnx.Module):
@@ -287,6 +308,30 @@ class MSTCNBranch(nnx.Module):
     return max_pool_time(y, stride=self.stride) if self.tconv is None else self.tconv(y)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(x: Array, sizes: tuple[int, ...]) -> list[Array]:
+  """``x`` split along its last axis into consecutive pieces of ``sizes`` (which sum to its width).
+
+  The gradient is the concatenation of the pieces' cotangents. (Differentiating plain slices gives one
+  zero-padded full-width array per piece, summed: several times the memory traffic on XLA's CPU backend.)
+  """
+  offsets = np.cumsum((0,) + tuple(sizes))
+  if offsets[-1] != x.shape[-1]:
+    raise ValueError(f'split_channels: sizes {sizes} do not add up to the {x.shape[-1]} channels')
+  return [x[..., lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+
+def _split_channels_fwd(x: Array, sizes: tuple[int, ...]) -> tuple[list[Array], None]:
+  return split_channels(x, sizes), None
+
+
+def _split_channels_bwd(sizes: tuple[int, ...], _, cotangents: list[Array]) -> tuple[Array]:
+  return (jnp.concatenate(cotangents, axis=-1),)
+
+
+split_channels.defvjp(_split_channels_fwd, _split_channels_bwd)
+
+
 MSTCN_DILATIONS = (1, 2, 3, 4)  # branches 0-3; branch 4 is the max-pool, branch 5 a strided 1×1 conv
 
 
@@ -314,8 +359,32 @@ class MSTCN(nnx.Module):
     self.dropout = dropout
 
   def __call__(self, x: Array, *, train: bool, groups: int = 1, rng: Array | None = None) -> Array:
-    outs = [branch(x, train=train, groups=groups) for branch in self.branches]
-    outs.append(self.branch_1x1(x))
+    # The branches' 1x1 convolutions (and the 1x1 branch's, when it is not strided) read the same input: one
+    # matmul to all their channels replaces six narrow ones (10 to 46 output channels), and their BatchNorms
+    # are one per-channel BatchNorm over the concatenation. Same arithmetic per channel as branch by branch.
+    dtype = self.transform_conv.dtype
+    convs = [branch.conv for branch in self.branches]
+    fuse_1x1 = self.branch_1x1.stride == 1
+    if fuse_1x1:
+      convs.append(self.branch_1x1)
+    kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=1).astype(dtype)
+    bias = jnp.concatenate([c.bias[...] for c in convs]).astype(dtype)
+    h = jnp.dot(x.astype(dtype), kernel) + bias                # (B, T, V, Σ widths)
+    bns = [branch.bn for branch in self.branches]
+    widths = [bn.num_features for bn in bns]
+    cat = lambda name: jnp.concatenate([getattr(bn, name)[...] for bn in bns])
+    n_bn = sum(widths)
+    h_bn, *h_1x1 = split_channels(h, (n_bn, h.shape[-1] - n_bn)) if fuse_1x1 else (h,)
+    y, stats = batch_norm(h_bn, cat('scale'), cat('bias'), cat('mean'), cat('var'), train=train,
+                          groups=groups)
+    if stats is not None:
+      offsets = np.cumsum([0] + widths)
+      for bn, lo, hi in zip(bns, offsets[:-1], offsets[1:]):
+        bn.update(stats[0][lo:hi], stats[1][lo:hi])
+    pieces = split_channels(jax.nn.relu(y), tuple(widths))
+    outs = [max_pool_time(yi, stride=branch.stride) if branch.tconv is None else branch.tconv(yi)
+            for branch, yi in zip(self.branches, pieces)]
+    outs.append(h_1x1[0] if fuse_1x1 else self.branch_1x1(x))
     y = jnp.concatenate(outs, axis=-1)                         # (B, T_out, V, C_out), branch-major
     y = jax.nn.relu(self.transform_bn(y, train=train, groups=groups))
     y = self.bn(self.transform_conv(y), train=train, groups=groups)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from stgcn_jax import graph
-from stgcn_jax.layers import BatchNorm, UnitGCN, aggregate_joints
+from stgcn_jax.layers import MSTCN, BatchNorm, UnitGCN, aggregate_joints, split_channels
 
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 
@@ -107,3 +107,49 @@ def test_batch_norm_train_matches_formula(groups):
     return jnp.sum(jnp.sin((xg - m) * jax.lax.rsqrt(v + 1e-5)))
 
   _close(jax.grad(fast)(x), jax.grad(ref)(x), rtol=1e-12)
+
+
+def _mstcn_reference(m: MSTCN, x, train: bool, groups: int):
+  """``mstcn`` branch by branch: each branch's own 1×1 conv and BatchNorm, then concatenation."""
+  outs = [branch(x, train=train, groups=groups) for branch in m.branches] + [m.branch_1x1(x)]
+  y = jax.nn.relu(m.transform_bn(jnp.concatenate(outs, axis=-1), train=train, groups=groups))
+  return m.bn(m.transform_conv(y), train=train, groups=groups)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('train, groups', [(False, 1), (True, 1), (True, 3)])
+def test_mstcn_fused_branch_convs_match_branch_by_branch(stride, train, groups):
+  m = MSTCN(8, 14, stride=stride, rngs=nnx.Rngs(0), **F64)      # branch widths 4, 2, 2, 2, 2, 2
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05 * _rand(9, p.shape), params)
+  rest = jax.tree.map(lambda s: s + 0.1 if s.dtype == jnp.float64 else s, rest)
+  x = _rand(10, (3, 8, 5, 8))
+  ct = _rand(11, (3, 8 // stride, 5, 14))
+
+  def loss(params, x, fast):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    y = m(x, train=train, groups=groups) if fast else _mstcn_reference(m, x, train, groups)
+    return jnp.sum(y * ct), nnx.state(m, nnx.BatchStat)
+
+  (v_fast, st_fast), g_fast = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
+  (v_ref, st_ref), g_ref = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+  np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+  _close(g_fast, g_ref, rtol=1e-11)
+  _close(st_fast, st_ref)
+  if train:   # each branch's own running statistics moved (the fused BatchNorm updates every one of them)
+    for i in range(5):
+      before = np.asarray(rest['branches'][i]['bn']['mean'][...])
+      assert not np.allclose(np.asarray(st_fast['branches'][i]['bn']['mean'][...]), before), i
+
+
+def test_split_channels_pieces_and_gradient():
+  x = _rand(12, (2, 3, 9))
+  a, b, c = split_channels(x, (2, 3, 4))
+  np.testing.assert_array_equal(np.concatenate([a, b, c], -1), x)
+  assert (a.shape, b.shape, c.shape) == ((2, 3, 2), (2, 3, 3), (2, 3, 4))
+  ws = [_rand(13 + i, p.shape) for i, p in enumerate((a, b, c))]
+  f = lambda x: sum(jnp.sum(jnp.sin(p) * w) for p, w in zip(split_channels(x, (2, 3, 4)), ws))
+  g = lambda x: sum(jnp.sum(jnp.sin(x[..., lo:hi]) * w) for (lo, hi), w in zip(((0, 2), (2, 5), (5, 9)), ws))
+  _close(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-14)
+  with pytest.raises(ValueError, match='do not add up to the 9 channels'):
+    split_channels(x, (2, 3))
