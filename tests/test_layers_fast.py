@@ -153,3 +153,18 @@ def test_split_channels_pieces_and_gradient():
   _close(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-14)
   with pytest.raises(ValueError, match='do not add up to the 9 channels'):
     split_channels(x, (2, 3))
+
+
+@pytest.mark.parametrize('shape', [(7, 5), (2, 7, 5)])
+def test_batch_norm_closed_form_gradient_matches_autodiff(shape):
+  """The hand-written backward of the training normalisation, cotangents on y, mean and variance alike."""
+  from stgcn_jax.layers import _normalize_batch, _normalize_batch_fwd
+  x = _rand(20, shape) * 2 + 0.5
+  scale, bias = 1 + 0.1 * _rand(21, (5,)), 0.1 * _rand(22, (5,))
+  stat_shape = shape[:-2] + (1, 5)
+  cts = (_rand(23, shape), _rand(24, stat_shape), _rand(25, stat_shape))
+  loss = lambda fn: lambda *args: sum(jnp.sum(o * c) for o, c in zip(fn(*args), cts, strict=True))
+  autodiff = lambda *args: _normalize_batch_fwd(*args)[0]
+  _close(_normalize_batch(x, scale, bias), autodiff(x, scale, bias), rtol=1e-15)
+  _close(jax.grad(loss(_normalize_batch), argnums=(0, 1, 2))(x, scale, bias),
+         jax.grad(loss(autodiff), argnums=(0, 1, 2))(x, scale, bias), rtol=1e-12)
