@@ -10,7 +10,7 @@ as in a real run. Each pipeline then runs in one process with one thread (``num_
 
 Usage::
 
-  python scripts/bench_pipeline.py                  # ~15 s on 2 cores
+  python scripts/bench_pipeline.py                  # ~1 min on 2 cores
   python scripts/bench_pipeline.py --json --runs 7 --feats j b
 """
 
@@ -132,7 +132,7 @@ def _mmaction2(annos: list[dict[str, Any]], dim: str, feat: str, test_mode: bool
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--samples', type=int, default=64, help='synthetic samples per modality')
+  parser.add_argument('--samples', type=int, default=256, help='synthetic samples per modality')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--runs', type=int, default=5, help='timed runs (median reported)')
   parser.add_argument('--feats', nargs='+', default=['j'], choices=transforms.FEATS)

@@ -69,14 +69,23 @@ def _summary(times: list[float], batch: int) -> dict[str, float]:
           'iters': len(times)}
 
 
+PAUSE_S = 0.5
+
+
 def _alternate(fns: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
-  """Runs every function ``warmup`` times, then ``iters`` rounds of each in turn; wall seconds per call."""
+  """Runs every function ``warmup`` times, then ``iters`` rounds of each in turn; wall seconds per call.
+
+  Each call starts after an untimed pause of ``PAUSE_S``: OpenMP workers (torch) and XLA's thread pool keep
+  spinning for a while after their work ends, and on a 2-core machine that spinning would be charged to
+  whichever side runs next.
+  """
   for _ in range(warmup):
     for fn in fns.values():
       fn()
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(iters):
     for name, fn in fns.items():
+      time.sleep(PAUSE_S)
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)

@@ -188,8 +188,17 @@ def record_rng(seed: int, position: int) -> np.random.Generator:
   position)``: the generator Grain's ``MapDataset.random_map(seed=seed)`` gives element ``position``, built
   directly so that a whole batch is sampled in one map call.
   """
-  key = _philox_key(int(seed))
-  return np.random.Generator(np.random.Philox(counter=np.array([0, 0, 0, position], np.uint64), key=key))
+  return np.random.Generator(np.random.Philox(counter=np.array([0, 0, 0, position], np.uint64),
+                                              key=_philox_key(int(seed))))
+
+
+def _rewind(bit_generator: np.random.Philox, position: int) -> None:
+  """Puts ``bit_generator`` (keyed by the seed) in :func:`record_rng`'s state for ``position``: a third of
+  the cost of building a new one, which matters at ~0.1 ms per 2D sample."""
+  state = bit_generator.state
+  state['state']['counter'] = np.array([0, 0, 0, position], np.uint64)
+  state.update(buffer=np.zeros(4, np.uint64), buffer_pos=4, has_uint32=0, uinteger=0)
+  bit_generator.state = state
 
 
 @functools.lru_cache(maxsize=16)
@@ -215,12 +224,15 @@ class _TrainBatch(grain.transforms.Map):
     ds = self.dataset
     indices = np.array([self.order[int(g)] for g in positions], np.int64)
     out = np.empty((len(indices), 1, NUM_PERSON, self.clip_len, self.layout.num_node, 3), np.float32)
+    bit_generator = np.random.Philox(key=_philox_key(self.seed))
+    rng = np.random.Generator(bit_generator)
     for row, (g, i) in enumerate(zip(positions, indices)):
+      _rewind(bit_generator, int(g))                          # rng is now record_rng(seed, g)
       # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
       transforms.process_keypoints(
           ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
-          num_clips=1, test_mode=False, rng=record_rng(self.seed, int(g)), img_shape=ds.img_shape(i),
-          num_person=NUM_PERSON, out=out[row])
+          num_clips=1, test_mode=False, rng=rng, img_shape=ds.img_shape(i), num_person=NUM_PERSON,
+          out=out[row])
     return {'keypoint': out, 'label': ds.labels[indices].astype(np.int32)}
 
 
