@@ -7,8 +7,8 @@ pose_transforms.py`` and ``formatting.py``; pyskl has the same semantics), in th
   ``UniformSampleFrames(clip_len)`` -> ``PoseDecode`` -> ``FormatGCNInput(num_person=2)``
 
 Every function is pure numpy: it never writes its inputs, never loops over frames in Python and never touches
-numpy's global RNG. Training randomness comes in as a ``np.random.Generator`` (Grain's ``random_map`` hands one
-per record); a legacy ``np.random.RandomState`` is accepted too and then consumes exactly the draws mmaction2
+numpy's global RNG. Training randomness comes in as a ``np.random.Generator`` (the pipeline's ``record_rng``, one
+per stream position); a legacy ``np.random.RandomState`` is accepted too and then consumes exactly the draws mmaction2
 makes on the global RNG (``randint`` / ``choice``, one clip after the other), which reproduces mmaction2's
 seeded training samples. Test/val sampling seeds a *local* ``RandomState(255)`` at every call, as mmaction2
 does with ``np.random.seed(255)``, so the indices are identical to mmaction2's.
@@ -355,7 +355,7 @@ def uniform_sample_indices(num_frames: int, clip_len: int = 100, num_clips: int 
   2 clip_len``: one random frame in each of ``clip_len`` equal bins.
 
   Args:
-    rng: a ``np.random.Generator`` (e.g. from Grain's ``random_map``), or a ``np.random.RandomState`` to make
+    rng: a ``np.random.Generator`` (e.g. ``pipeline.record_rng``), or a ``np.random.RandomState`` to make
       the same draws, in the same order, as mmaction2 on the legacy global RNG.
   """
   _check_sampling(num_frames, clip_len, num_clips)
