@@ -62,16 +62,23 @@ def _gcn_reference(gcn: UnitGCN, x, train: bool):
 def test_unit_gcn_pre_reassociated_matches_conv_then_aggregate(c_in, c_out, train):
   a = graph.adjacency('coco')
   gcn = UnitGCN(c_in, c_out, a, rngs=nnx.Rngs(0), **F64)
-  graphdef, params, rest = nnx.split(gcn, nnx.Param, ...)
-  # Move A and the BN statistics off their initial values so every term is exercised.
-  params = jax.tree.map(lambda p: p + 0.05 * _rand(3, p.shape), params)
-  rest = jax.tree.map(lambda s: s + 0.1 if s.dtype == jnp.float64 else s, rest)
   x = _rand(4, (3, 6, 17, c_in))
   ct = _rand(5, (3, 6, 17, c_out))
+  _fast_matches_reference(gcn, x, ct, lambda m, x: m(x, train=train), lambda m, x: _gcn_reference(m, x, train),
+                          seed=3)
 
-  def loss(params, x, fast):
+
+def _fast_matches_reference(module, x, ct, fast, reference, seed):
+  """Moves the parameters (A included) and BatchNorm statistics off their initial values so every term is
+  exercised, then checks ``fast(m, x)`` against ``reference(m, x)``: the loss ``Σ y·ct``, its gradients for
+  the parameters and ``x``, and the updated statistics. Returns (updated statistics, initial ones)."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05 * _rand(seed, p.shape), params)
+  rest = jax.tree.map(lambda s: s + 0.1 if s.dtype == jnp.float64 else s, rest)
+
+  def loss(params, x, use_fast):
     m = nnx.merge(graphdef, params, rest, copy=True)
-    y = m(x, train=train) if fast else _gcn_reference(m, x, train)
+    y = fast(m, x) if use_fast else reference(m, x)
     return jnp.sum(y * ct), nnx.state(m, nnx.BatchStat)
 
   (v_fast, st_fast), g_fast = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
@@ -79,6 +86,7 @@ def test_unit_gcn_pre_reassociated_matches_conv_then_aggregate(c_in, c_out, trai
   np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
   _close(g_fast, g_ref, rtol=1e-11)
   _close(st_fast, st_ref)
+  return st_fast, rest
 
 
 @pytest.mark.parametrize('groups', [1, 2])
@@ -120,22 +128,10 @@ def _mstcn_reference(m: MSTCN, x, train: bool, groups: int):
 @pytest.mark.parametrize('train, groups', [(False, 1), (True, 1), (True, 3)])
 def test_mstcn_fused_branch_convs_match_branch_by_branch(stride, train, groups):
   m = MSTCN(8, 14, stride=stride, rngs=nnx.Rngs(0), **F64)      # branch widths 4, 2, 2, 2, 2, 2
-  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-  params = jax.tree.map(lambda p: p + 0.05 * _rand(9, p.shape), params)
-  rest = jax.tree.map(lambda s: s + 0.1 if s.dtype == jnp.float64 else s, rest)
   x = _rand(10, (3, 8, 5, 8))
   ct = _rand(11, (3, 8 // stride, 5, 14))
-
-  def loss(params, x, fast):
-    m = nnx.merge(graphdef, params, rest, copy=True)
-    y = m(x, train=train, groups=groups) if fast else _mstcn_reference(m, x, train, groups)
-    return jnp.sum(y * ct), nnx.state(m, nnx.BatchStat)
-
-  (v_fast, st_fast), g_fast = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
-  (v_ref, st_ref), g_ref = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
-  np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
-  _close(g_fast, g_ref, rtol=1e-11)
-  _close(st_fast, st_ref)
+  st_fast, rest = _fast_matches_reference(m, x, ct, lambda m, x: m(x, train=train, groups=groups),
+                                          lambda m, x: _mstcn_reference(m, x, train, groups), seed=9)
   if train:   # each branch's own running statistics moved (the fused BatchNorm updates every one of them)
     for i in range(5):
       before = np.asarray(rest['branches'][i]['bn']['mean'][...])
