@@ -325,7 +325,8 @@ class UnitTCN(nnx.Module):
 
 
 class MSTCNBranch(nnx.Module):
-  """One branch of ``mstcn``: 1×1 conv, BN, ReLU, then a dilated temporal conv (no BN) or a 3-frame max-pool.
+  """The parameters of one ``mstcn`` branch: 1×1 conv, BN, ReLU, then a dilated temporal conv (no BN) or a
+  3-frame max-pool. :class:`MSTCN` runs the branches together.
 
   PyTorch keys: ``branches.i.0`` = ``conv``, ``.1`` = ``bn``, ``.3.conv`` = ``tconv`` (absent for max-pool).
   """
@@ -337,10 +338,6 @@ class MSTCNBranch(nnx.Module):
     self.bn = BatchNorm(c_mid, param_dtype=param_dtype)
     self.tconv = None if dilation is None else TemporalConv(c_mid, c_mid, 3, stride=stride, dilation=dilation, **kw)
     self.stride = stride
-
-  def __call__(self, x: Array, *, train: bool, groups: int) -> Array:
-    y = jax.nn.relu(self.bn(self.conv(x), train=train, groups=groups))
-    return max_pool_time(y, stride=self.stride) if self.tconv is None else self.tconv(y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

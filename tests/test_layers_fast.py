@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from stgcn_jax import graph
-from stgcn_jax.layers import MSTCN, BatchNorm, UnitGCN, aggregate_joints, split_channels
+from stgcn_jax.layers import MSTCN, BatchNorm, UnitGCN, aggregate_joints, max_pool_time, split_channels
 
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 
@@ -119,7 +119,11 @@ def test_batch_norm_train_matches_formula(groups):
 
 def _mstcn_reference(m: MSTCN, x, train: bool, groups: int):
   """``mstcn`` branch by branch: each branch's own 1×1 conv and BatchNorm, then concatenation."""
-  outs = [branch(x, train=train, groups=groups) for branch in m.branches] + [m.branch_1x1(x)]
+  outs = []
+  for branch in m.branches:
+    y = jax.nn.relu(branch.bn(branch.conv(x), train=train, groups=groups))
+    outs.append(max_pool_time(y, stride=branch.stride) if branch.tconv is None else branch.tconv(y))
+  outs.append(m.branch_1x1(x))
   y = jax.nn.relu(m.transform_bn(jnp.concatenate(outs, axis=-1), train=train, groups=groups))
   return m.bn(m.transform_conv(y), train=train, groups=groups)
 
