@@ -38,6 +38,7 @@ build; another platform's ``sin``/``cos`` may differ in the last bit.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import tempfile
@@ -543,7 +544,9 @@ def is_current_demo_file(path: str | os.PathLike, kind: str, **kwargs: Any) -> b
   return isinstance(data, dict) and data.get('demo_meta') == expected
 
 
-_GENERATE_DEFAULTS = dict(seed=0, num_train=800, num_val=96, min_frames=40, max_frames=120)
+# generate_demo_dataset's keyword arguments and their defaults (what a demo file's metadata records).
+_GENERATE_DEFAULTS = {name: p.default for name, p in inspect.signature(generate_demo_dataset).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY}
 
 
 def ensure_demo_dataset(path: str | os.PathLike | None = None, kind: str = '2d', **kwargs: Any) -> Path:
