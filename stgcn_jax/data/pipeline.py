@@ -188,13 +188,14 @@ def record_rng(seed: int, position: int) -> np.random.Generator:
   position)``: the generator Grain's ``MapDataset.random_map(seed=seed)`` gives element ``position``, built
   directly so that a whole batch is sampled in one map call.
   """
-  return np.random.Generator(np.random.Philox(counter=np.array([0, 0, 0, position], np.uint64),
-                                              key=_philox_key(int(seed))))
+  bit_generator = np.random.Philox(key=_philox_key(int(seed)))
+  _rewind(bit_generator, position)
+  return np.random.Generator(bit_generator)
 
 
 def _rewind(bit_generator: np.random.Philox, position: int) -> None:
-  """Puts ``bit_generator`` (keyed by the seed) in :func:`record_rng`'s state for ``position``: a third of
-  the cost of building a new one, which matters at ~0.1 ms per 2D sample."""
+  """Puts ``bit_generator`` (keyed by the seed) in :func:`record_rng`'s state for ``position``. Rewinding one
+  generator costs a third of building a new one, which matters at ~0.1 ms per 2D sample."""
   state = bit_generator.state
   state['state']['counter'] = np.array([0, 0, 0, position], np.uint64)
   state.update(buffer=np.zeros(4, np.uint64), buffer_pos=4, has_uint32=0, uinteger=0)
@@ -208,32 +209,47 @@ def _philox_key(seed: int) -> np.ndarray:
   return key
 
 
-class _TrainBatch(grain.transforms.Map):
+class _BatchMap(grain.transforms.Map):
+  """A map from a batch of positions to a batch of samples, built in place by :meth:`_sample_into`: no
+  per-record Grain overhead and no stacking copy."""
+
+  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int):
+    self.dataset, self.feat, self.layout = dataset, feat, layout
+    self.clip_len, self.num_clips = clip_len, num_clips
+
+  def _empty(self, batch: int) -> np.ndarray:
+    return np.empty((batch, self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3), np.float32)
+
+  def _sample_into(self, out: np.ndarray, i: int, rng: np.random.Generator | None) -> None:
+    """Sample ``i`` of the dataset into the batch row ``out``: test-mode clips when ``rng`` is None."""
+    ds = self.dataset
+    # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
+    transforms.process_keypoints(
+        ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
+        num_clips=self.num_clips, test_mode=rng is None, rng=rng, img_shape=ds.img_shape(i),
+        num_person=NUM_PERSON, out=out)
+
+
+class _TrainBatch(_BatchMap):
   """Stream positions ``(B_local,)`` -> ``{'keypoint': float32 (B_local, 1, M, T, V, C), 'label': int32}``.
 
-  Position ``g`` is sample ``order[g]``, sampled with :func:`record_rng` ``(seed, g)``. One call builds the
-  whole batch in place: no per-record Grain overhead and no stacking copy.
+  Position ``g`` is sample ``order[g]``, sampled with :func:`record_rng` ``(seed, g)``.
   """
 
   def __init__(self, dataset: SkeletonDataset, order: TrainOrder, *, feat: str, layout: Layout, clip_len: int,
                seed: int):
-    self.dataset, self.order, self.feat, self.layout = dataset, order, feat, layout
-    self.clip_len, self.seed = clip_len, seed
+    super().__init__(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=1)
+    self.order, self.seed = order, seed
 
   def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    ds = self.dataset
     indices = np.array([self.order[int(g)] for g in positions], np.int64)
-    out = np.empty((len(indices), 1, NUM_PERSON, self.clip_len, self.layout.num_node, 3), np.float32)
+    out = self._empty(len(indices))
     bit_generator = np.random.Philox(key=_philox_key(self.seed))
     rng = np.random.Generator(bit_generator)
     for row, (g, i) in enumerate(zip(positions, indices)):
       _rewind(bit_generator, int(g))                          # rng is now record_rng(seed, g)
-      # packed(i) is a read-only view (of the memmap): process_keypoints copies only the frames it samples.
-      transforms.process_keypoints(
-          ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
-          num_clips=1, test_mode=False, rng=rng, img_shape=ds.img_shape(i), num_person=NUM_PERSON,
-          out=out[row])
-    return {'keypoint': out, 'label': ds.labels[indices].astype(np.int32)}
+      self._sample_into(out[row], int(i), rng)
+    return {'keypoint': out, 'label': self.dataset.labels[indices].astype(np.int32)}
 
 
 def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
@@ -284,26 +300,17 @@ def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | La
 # Evaluation
 
 
-class _EvalBatch(grain.transforms.Map):
+class _EvalBatch(_BatchMap):
   """Padded-split positions ``(B,)`` -> a batch of deterministic test-mode clips; positions past the split
   are masked-out zero samples (never computed on)."""
-
-  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int):
-    self.dataset, self.feat, self.layout = dataset, feat, layout
-    self.clip_len, self.num_clips = clip_len, num_clips
 
   def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     ds = self.dataset
     mask = positions < len(ds)
-    out = np.empty((len(positions), self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3),
-                   np.float32)
+    out = self._empty(len(positions))
     out[~mask] = 0
     for row in np.flatnonzero(mask):
-      i = int(positions[row])
-      transforms.process_keypoints(
-          ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
-          num_clips=self.num_clips, test_mode=True, img_shape=ds.img_shape(i), num_person=NUM_PERSON,
-          out=out[row])
+      self._sample_into(out[row], int(positions[row]), None)
     index = np.where(mask, positions, -1).astype(np.int64)
     label = np.where(mask, ds.labels[np.minimum(positions, len(ds) - 1)], -1).astype(np.int64)
     return {'keypoint': out, 'label': label, 'index': index, 'mask': mask}
