@@ -17,6 +17,9 @@ process's peak RSS, and on accelerators the device's peak bytes in use. Then the
 iterator, and the 10-clip test iterator) on NTU-sized synthetic samples (T=300, M=2), and a few training steps
 fed by the Grain iterator (data loading, host-to-device copy included) against the bare step.
 
+The process runs with :func:`stgcn_jax.hostmem.keep_freed_memory`, as the training and test command lines do
+(``STGCN_JAX_HOST_MALLOC=system`` measures with glibc's defaults); mmaction2 shares the process and the setting.
+
 Usage::
 
   python scripts/benchmark.py                          # 2D and 3D, ~5 min on 2 CPU cores with mmaction2
@@ -46,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stgcn_jax import steps
+from stgcn_jax import hostmem, steps
 from stgcn_jax.model import ModelConfig, backbone_macs, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -285,13 +288,13 @@ def _pipeline(kind: str, batch: int, samples: int, tmp: str, ours: Ours | None, 
 
 
 # ------------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
   device = jax.devices()[0]
   peak = matmul_peak()
   result: dict[str, Any] = {
       'config': vars(args) | {'M': NUM_PERSON, 'T': NUM_FRAMES},
       'device': f'{device.platform}:{device.device_kind}', 'jax': jax.__version__,
-      'cpu_count': os.cpu_count(), 'matmul_peak_gflops': peak / 1e9, 'kinds': {}}
+      'cpu_count': os.cpu_count(), 'matmul_peak_gflops': peak / 1e9, 'host_malloc': host_malloc, 'kinds': {}}
   mmaction = None if args.skip_torch else import_mmaction(args.torch_threads)
   reference = _reference_rates()
   result['mmaction2_source'] = 'measured here' if mmaction is not None else \
@@ -330,7 +333,8 @@ def print_table(r: dict[str, Any]) -> None:
   cfg = r['config']
   print(f"device {r['device']} (jax {r['jax']}, {r['cpu_count']} CPUs), float32 matmul peak "
         f"{r['matmul_peak_gflops']:.0f} GFLOP/s; batch {cfg['batch']}, M={cfg['M']}, T={cfg['T']}, "
-        f"dtype {cfg['dtype']}, median of {cfg['iters']}; mmaction2: {r['mmaction2_source']}")
+        f"dtype {cfg['dtype']}, median of {cfg['iters']}; host malloc: {r['host_malloc']}; "
+        f"mmaction2: {r['mmaction2_source']}")
   print(f"{'kind':4} {'what':10} {'ours/s':>8} {'mmaction2/s':>12} {'ratio':>6} {'%peak':>6}")
   for kind, row in r['kinds'].items():
     mm = row.get('mmaction2_samples_per_s', {})
@@ -372,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       parser.error(f'--{name} must be positive')
   if args.samples < args.batch:
     parser.error(f'--samples ({args.samples}) must be at least --batch ({args.batch})')
-  result = run(args)
+  # Both sides share the process and so the allocator; 'keep' is what our command lines run with.
+  host_malloc = 'keep (stgcn_jax.hostmem)' if hostmem.keep_freed_memory() else 'glibc defaults'
+  result = run(args, host_malloc)
   if args.json:
     json.dump(result, sys.stdout, indent=1)
     print()

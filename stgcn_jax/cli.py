@@ -1,5 +1,6 @@
 """Plumbing shared by the absl command lines (``stgcn_jax.train``, ``stgcn_jax.test``): config files that
-import their base, the multi-host flags, logging, and exit statuses."""
+import their base, the multi-host flags, logging, exit statuses, and the host allocator settings
+(:mod:`stgcn_jax.hostmem`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stgcn_jax import hostmem
 from stgcn_jax import sharding as sharding_lib
 
 
@@ -39,6 +41,7 @@ def run(body: Callable[[Any], int | None], argv: list[str] | None = None) -> int
   from absl import app, flags
 
   argv = sys.argv if argv is None else argv
+  hostmem.keep_freed_memory()     # before JAX starts its backend threads
   add_config_root(argv)
   status = 0
 

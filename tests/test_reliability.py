@@ -362,9 +362,22 @@ def test_corrupt_checkpoint_files_raise_checkpoint_error(harness, tmp_path, targ
   path = ckpt_dir / str(step) / target
   files = [f for f in path.rglob('*') if f.is_file()] if path.is_dir() else [path]
   assert files
+  shutil.copytree(ckpt_dir, tmp_path / 'intact')   # a separate copy: nothing read from it is cached for ckpt_dir
+  intact, _ = ckpt_lib.load_model(tmp_path / 'intact')
   for f in files:
     data = f.read_bytes()
     f.write_bytes(data[:len(data) // 2])
+  if target == 'model/ocdbt.process_0/d':
+    # Orbax may have merged the per-process store into model/d when it finalised the step; its files are then
+    # no longer referenced. Truncating them must then change nothing: the load gives the intact arrays.
+    try:
+      loaded, _ = ckpt_lib.load_model(ckpt_dir)
+    except ckpt_lib.CheckpointError as e:
+      assert re.search(rf'{re.escape(str(ckpt_dir))}.*corrupt', str(e)) and len(str(e)) < 1500, str(e)
+    else:
+      for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(intact)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return
   with pytest.raises(ckpt_lib.CheckpointError, match=rf'{re.escape(str(ckpt_dir))}.*corrupt') as info:
     ckpt_lib.load_model(ckpt_dir)
   assert len(str(info.value)) < 1500
