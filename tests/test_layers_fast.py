@@ -34,13 +34,14 @@ def _close(a, b, rtol=1e-12):
     np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale)
 
 
-def test_aggregate_joints_matches_einsum_forward_and_gradient():
-  a = jnp.asarray(graph.adjacency('coco'), jnp.float64) + 0.1 * _rand(0, (3, 17, 17))
+@pytest.mark.parametrize('w', [17, 11])   # 11: target joints ≠ source joints, to pin every axis of the gradient
+def test_aggregate_joints_matches_einsum_forward_and_gradient(w):
+  a = jnp.asarray(graph.adjacency('coco'), jnp.float64)[..., :w] + 0.1 * _rand(0, (3, 17, w))
   x = _rand(1, (2, 5, 17, 4))
-  ct = _rand(2, (2, 5, 17, 12))
+  ct = _rand(2, (2, 5, w, 12))
   fast = lambda x, a: jnp.sum(aggregate_joints(x, a) * ct)
-  ref = lambda x, a: jnp.sum(jnp.einsum('btvc,kvw->btwkc', x, a).reshape(2, 5, 17, 12) * ct)
-  _close(aggregate_joints(x, a), jnp.einsum('btvc,kvw->btwkc', x, a).reshape(2, 5, 17, 12))
+  ref = lambda x, a: jnp.sum(jnp.einsum('btvc,kvw->btwkc', x, a).reshape(2, 5, w, 12) * ct)
+  _close(aggregate_joints(x, a), jnp.einsum('btvc,kvw->btwkc', x, a).reshape(2, 5, w, 12))
   _close(jax.grad(fast, argnums=(0, 1))(x, a), jax.grad(ref, argnums=(0, 1))(x, a))
   # A hand-checked entry: joint w of subset k sums its sources v weighted by a[k, v, w].
   np.testing.assert_allclose(aggregate_joints(x, a)[1, 3, 4, 2 * 4 + 1],
