@@ -7,11 +7,14 @@ one process, alternating iteration by iteration so that load from other jobs hit
   jitted inference (eval-mode ``predict_clips`` on one clip per sample);
 - the same two for the genuine mmaction2 model (``model.train_step`` with an mmengine ``OptimWrapper`` /
   ``eval`` + ``no_grad`` backbone and head), when ``torch`` and ``mmaction`` import, with
-  ``torch.set_num_threads(--torch-threads)``; otherwise the reference figures of
-  ``fixtures/mmaction2/bench_cpu.json`` (the same box, idle) are quoted.
+  ``torch.set_num_threads(--torch-threads)``, on the GPU when JAX runs on one (``--torch-device``); otherwise,
+  on the CPU, the reference figures of ``fixtures/mmaction2/bench_cpu.json`` (the same box, idle) are quoted.
 
-It reports samples/s (median over ``--iters`` after warm-ups), the ratio to mmaction2, the fraction of a float32
-matmul peak measured here with a large ``jnp.dot`` (model FLOPs = 2 × ``backbone_macs``; a train step counts
+On an accelerator each timed iteration runs ``--steps-per-iter`` steps back to back (default 10) and waits for
+the last, as a training loop does; on the CPU each is one step after an untimed pause.
+
+It reports samples/s (median over ``--iters`` after warm-ups), the ratio to mmaction2, the fraction of the
+matmul peak in the compute dtype measured here with a large ``jnp.dot`` (model FLOPs = 2 × ``backbone_macs``; a train step counts
 3× the forward), the train step's compile time, and memory: XLA's buffer sizes of each compiled step, the
 process's peak RSS, and on accelerators the device's peak bytes in use. Then the Grain pipeline alone (train
 iterator, and the 10-clip test iterator) on NTU-sized synthetic samples (T=300, M=2), and a few training steps
@@ -33,6 +36,7 @@ mmcv-lite==2.1.0 scipy einops importlib_metadata`` then ``pip install --no-deps 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -75,28 +79,30 @@ def _summary(times: list[float], batch: int) -> dict[str, float]:
 PAUSE_S = 0.5
 
 
-def _alternate(fns: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
-  """Runs every function ``warmup`` times, then ``iters`` rounds of each in turn; wall seconds per call.
+def _alternate(fns: dict[str, Callable[[int], None]], warmup: int, iters: int, steps: int = 1,
+               pause: float = PAUSE_S) -> dict[str, list[float]]:
+  """Runs every function ``warmup`` times, then ``iters`` rounds of each in turn; wall seconds per step.
 
-  Each call starts after an untimed pause of ``PAUSE_S``: OpenMP workers (torch) and XLA's thread pool keep
-  spinning for a while after their work ends, and on a 2-core machine that spinning would be charged to
-  whichever side runs next.
+  Each function ``fn(steps)`` runs ``steps`` steps back to back and waits for the last one, so that on an
+  accelerator the host's dispatch overlaps the device's work as in a training loop. Each call starts after an
+  untimed ``pause``: on the CPU, OpenMP workers (torch) and XLA's thread pool keep spinning for a while after
+  their work ends, and on a 2-core machine that spinning would be charged to whichever side runs next.
   """
   for _ in range(warmup):
     for fn in fns.values():
-      fn()
+      fn(steps)
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(iters):
     for name, fn in fns.items():
-      time.sleep(PAUSE_S)
+      time.sleep(pause)
       start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+      fn(steps)
+      times[name].append((time.perf_counter() - start) / steps)
   return times
 
 
 def matmul_peak(n: int = 2048, iters: int = 5, dtype: Any = jnp.float32) -> float:
-  """FLOP/s of a jitted ``n × n`` matmul on the default device (median of ``iters``)."""
+  """FLOP/s of a jitted ``n × n`` matmul in ``dtype`` on the default device (median of ``iters``)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   f = jax.jit(jnp.dot)
@@ -158,12 +164,17 @@ class Ours:
     self.memory = {'train_step': _memory_analysis(self.train_compiled),
                    'inference': _memory_analysis(self.eval_compiled)}
 
-  def train(self, batch: dict[str, jax.Array] | None = None) -> None:
-    self.state, metrics = self.train_compiled(self.state, self.batch if batch is None else batch, self.key)
+  def train(self, steps: int = 1, next_batch: Callable[[], dict[str, jax.Array]] | None = None) -> None:
+    """``steps`` train steps on the fixed batch, or on ``next_batch()`` each; waits for the last."""
+    for _ in range(steps):
+      batch = self.batch if next_batch is None else next_batch()
+      self.state, metrics = self.train_compiled(self.state, batch, self.key)
     _block(metrics['loss'])
 
-  def infer(self) -> None:
-    _block(self.eval_compiled(self.state.params, self.state.stats, self.batch['keypoint']))
+  def infer(self, steps: int = 1) -> None:
+    for _ in range(steps):
+      out = self.eval_compiled(self.state.params, self.state.stats, self.batch['keypoint'])
+    _block(out)
 
   def flops(self) -> float:
     """Forward FLOPs of one sample (2 × MACs of convolutions and graph aggregations)."""
@@ -197,7 +208,7 @@ def import_mmaction(threads: int) -> types.ModuleType | None:
 class MMAction2:
   """The genuine mmaction2 STGCN++ (built from the wheel's config) on the same batch shapes."""
 
-  def __init__(self, mmaction: types.ModuleType, kind: str, batch: int, seed: int = 0):
+  def __init__(self, mmaction: types.ModuleType, kind: str, batch: int, device: str = 'cpu', seed: int = 0):
     import torch  # noqa: PLC0415
     from mmengine.config import Config  # noqa: PLC0415
     from mmengine.optim import OptimWrapper  # noqa: PLC0415
@@ -206,25 +217,31 @@ class MMAction2:
 
     torch.manual_seed(seed)
     config = Path(mmaction.__file__).parent / '.mim' / 'configs' / 'skeleton' / 'stgcnpp' / MM_CONFIG.format(kind=kind)
-    self.model = MODELS.build(Config.fromfile(str(config)).model)
+    self.model = MODELS.build(Config.fromfile(str(config)).model).to(device)
     opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     self.optim = OptimWrapper(opt)
     rng = np.random.default_rng(seed)
     v = 17 if kind == '2d' else 25
-    x = torch.from_numpy(rng.normal(size=(batch, 1, NUM_PERSON, NUM_FRAMES, v, 3)).astype(np.float32))
+    x = torch.from_numpy(rng.normal(size=(batch, 1, NUM_PERSON, NUM_FRAMES, v, 3)).astype(np.float32)).to(device)
     labels = rng.integers(0, NUM_CLASSES, batch)
-    self.data = {'inputs': list(x), 'data_samples': [ActionDataSample().set_gt_label(int(y)) for y in labels]}
+    samples = [ActionDataSample().set_gt_label(int(y)).to(device) for y in labels]
+    self.data = {'inputs': list(x), 'data_samples': samples}
     self.x = x.reshape(batch, NUM_PERSON, NUM_FRAMES, v, 3)
     self.torch = torch
+    self.sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
 
-  def train(self) -> None:
+  def train(self, steps: int = 1) -> None:
     self.model.train()
-    self.model.train_step(self.data, self.optim)
+    for _ in range(steps):
+      self.model.train_step(self.data, self.optim)
+    self.sync()
 
-  def infer(self) -> None:
+  def infer(self, steps: int = 1) -> None:
     self.model.eval()
     with self.torch.no_grad():
-      self.model.cls_head(self.model.backbone(self.x))
+      for _ in range(steps):
+        self.model.cls_head(self.model.backbone(self.x))
+    self.sync()
 
 
 def _reference_rates() -> dict[str, dict[str, float]]:
@@ -243,7 +260,7 @@ def _reference_rates() -> dict[str, dict[str, float]]:
 
 # --------------------------------------------------------------------------------------------- pipeline
 def _pipeline(kind: str, batch: int, samples: int, tmp: str, ours: Ours | None, epoch_steps: int,
-              iters: int) -> dict[str, Any]:
+              iters: int, steps: int, pause: float) -> dict[str, Any]:
   """Grain pipeline samples/s (train, 10-clip test) and train steps fed by Grain against the bare step."""
   from stgcn_jax.data import pipeline  # noqa: PLC0415
   from stgcn_jax.data.annotations import load_annotations  # noqa: PLC0415
@@ -275,11 +292,13 @@ def _pipeline(kind: str, batch: int, samples: int, tmp: str, ours: Ours | None, 
   out['test10_pipeline_samples_per_s'] = statistics.median(rates)
 
   if ours is not None and epoch_steps > 0:
-    def fed() -> None:
+    def next_batch() -> dict[str, jax.Array]:
       b = next(it)
-      ours.train({'keypoint': jnp.asarray(b['keypoint']), 'label': jnp.asarray(b['label'])})
-    fed()
-    times = _alternate({'bare': ours.train, 'grain': fed}, warmup=0, iters=epoch_steps)
+      return {'keypoint': jnp.asarray(b['keypoint']), 'label': jnp.asarray(b['label'])}
+
+    fed = functools.partial(ours.train, next_batch=next_batch)
+    fed(1)
+    times = _alternate({'bare': ours.train, 'grain': fed}, warmup=0, iters=epoch_steps, steps=steps, pause=pause)
     bare, grain = _summary(times['bare'], batch), _summary(times['grain'], batch)
     out['train_step_bare_samples_per_s'] = bare['samples_per_s']
     out['train_with_grain_samples_per_s'] = grain['samples_per_s']
@@ -290,23 +309,33 @@ def _pipeline(kind: str, batch: int, samples: int, tmp: str, ours: Ours | None, 
 # ------------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
   device = jax.devices()[0]
-  peak = matmul_peak()
+  on_cpu = device.platform == 'cpu'
+  steps = args.steps_per_iter or (1 if on_cpu else 10)
+  pause = PAUSE_S if on_cpu else 0.0
+  torch_device = args.torch_device if args.torch_device != 'auto' else ('cpu' if on_cpu else 'cuda')
+  peak = matmul_peak(2048 if on_cpu else 8192, dtype=jnp.dtype(args.dtype))
   result: dict[str, Any] = {
-      'config': vars(args) | {'M': NUM_PERSON, 'T': NUM_FRAMES},
+      'config': vars(args) | {'M': NUM_PERSON, 'T': NUM_FRAMES, 'steps_per_iter': steps,
+                              'torch_device': torch_device},
       'device': f'{device.platform}:{device.device_kind}', 'jax': jax.__version__,
       'cpu_count': os.cpu_count(), 'matmul_peak_gflops': peak / 1e9, 'host_malloc': host_malloc, 'kinds': {}}
   mmaction = None if args.skip_torch else import_mmaction(args.torch_threads)
-  reference = _reference_rates()
-  result['mmaction2_source'] = 'measured here' if mmaction is not None else \
-      f'{REFERENCE.name} (mmaction2 not importable or --skip-torch)'
+  # The stored mmaction2 figures were measured on the 2-core CPU machine: quoted only against a CPU run.
+  reference = _reference_rates() if on_cpu else {}
+  if mmaction is not None:
+    result['mmaction2_source'] = f'measured here (torch {torch_device})'
+  elif reference:
+    result['mmaction2_source'] = f'{REFERENCE.name} (mmaction2 not importable or --skip-torch)'
+  else:
+    result['mmaction2_source'] = 'none (mmaction2 not importable or --skip-torch)'
   with tempfile.TemporaryDirectory() as tmp:
     for kind in args.kinds:
       ours = Ours(kind, args.batch, args.dtype)
-      fns: dict[str, Callable[[], None]] = {'ours_train': ours.train, 'ours_infer': ours.infer}
+      fns: dict[str, Callable[[int], None]] = {'ours_train': ours.train, 'ours_infer': ours.infer}
       if mmaction is not None:
-        mm = MMAction2(mmaction, kind, args.batch)
+        mm = MMAction2(mmaction, kind, args.batch, torch_device)
         fns |= {'mm_train': mm.train, 'mm_infer': mm.infer}
-      times = _alternate(fns, args.warmup, args.iters)
+      times = _alternate(fns, args.warmup, args.iters, steps, pause)
       row: dict[str, Any] = {name: _summary(t, args.batch) for name, t in times.items()}
       flops = ours.flops()
       row['forward_gflop_per_sample'] = flops / 1e9
@@ -321,7 +350,8 @@ def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
         row['train_ratio'] = row['ours_train']['samples_per_s'] / mm_rates['train_step']
         row['infer_ratio'] = row['ours_infer']['samples_per_s'] / mm_rates['inference']
       if not args.skip_pipeline:
-        row['pipeline'] = _pipeline(kind, args.batch, args.samples, tmp, ours, args.epoch_steps, args.iters)
+        row['pipeline'] = _pipeline(kind, args.batch, args.samples, tmp, ours, args.epoch_steps, args.iters,
+                                    steps, pause)
       row['process_peak_rss_mib'] = _rss_mib()
       row['device_peak_mib'] = _device_peak_mib()
       result['kinds'][kind] = row
@@ -331,9 +361,9 @@ def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
   cfg = r['config']
-  print(f"device {r['device']} (jax {r['jax']}, {r['cpu_count']} CPUs), float32 matmul peak "
+  print(f"device {r['device']} (jax {r['jax']}, {r['cpu_count']} CPUs), {cfg['dtype']} matmul peak "
         f"{r['matmul_peak_gflops']:.0f} GFLOP/s; batch {cfg['batch']}, M={cfg['M']}, T={cfg['T']}, "
-        f"dtype {cfg['dtype']}, median of {cfg['iters']}; host malloc: {r['host_malloc']}; "
+        f"median of {cfg['iters']} × {cfg['steps_per_iter']} steps; host malloc: {r['host_malloc']}; "
         f"mmaction2: {r['mmaction2_source']}")
   print(f"{'kind':4} {'what':10} {'ours/s':>8} {'mmaction2/s':>12} {'ratio':>6} {'%peak':>6}")
   for kind, row in r['kinds'].items():
@@ -366,11 +396,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='compute dtype (ours)')
   parser.add_argument('--skip-torch', action='store_true', help='do not run mmaction2 even if importable')
   parser.add_argument('--torch-threads', type=int, default=2)
+  parser.add_argument('--torch-device', default='auto',
+                      help="mmaction2's torch device: 'cpu', 'cuda', or 'auto' (cuda when JAX runs on a GPU)")
+  parser.add_argument('--steps-per-iter', type=int, default=0,
+                      help='steps run back to back per timed iteration (0: 1 on the CPU, 10 on accelerators)')
   parser.add_argument('--skip-pipeline', action='store_true', help='no Grain pipeline / whole-epoch measurement')
   parser.add_argument('--samples', type=int, default=64, help='synthetic NTU-sized samples for the pipeline')
   parser.add_argument('--epoch-steps', type=int, default=4, help='train steps fed by Grain (and bare) to time')
   parser.add_argument('--json', action='store_true', help='print the results as JSON')
   args = parser.parse_args(argv)
+  if args.steps_per_iter < 0:
+    parser.error('--steps-per-iter must be 0 (automatic) or positive')
   for name in ('batch', 'iters', 'samples'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be positive')

@@ -37,7 +37,7 @@ def _probe(setting: str) -> tuple[str, int]:
 
 
 def test_temporaries_are_reused_instead_of_faulted_in_again():
-  applied, faults = _probe('keep')
+  applied, faults = _probe('auto')               # JAX_PLATFORMS=cpu: applies
   assert applied == 'True'
   assert faults < 1000, faults                   # a 64 MiB temporary is 16384 pages
   applied, faults = _probe('system')
@@ -48,5 +48,27 @@ def test_temporaries_are_reused_instead_of_faulted_in_again():
 def test_unknown_setting_is_rejected(monkeypatch):
   monkeypatch.setattr(hostmem, '_applied', False)
   monkeypatch.setenv(hostmem.ENV_VAR, 'fast')
-  with pytest.raises(ValueError, match="STGCN_JAX_HOST_MALLOC='fast'.*'keep'.*'system'"):
+  with pytest.raises(ValueError, match="STGCN_JAX_HOST_MALLOC='fast'.*'auto'.*'keep'.*'system'"):
     hostmem.keep_freed_memory()
+
+
+@pytest.mark.parametrize('platforms, on_cpu', [('cpu', True), (' CPU ', True), ('cpu,cuda', True),
+                                               ('cuda', False), ('cuda,cpu', False), ('tpu', False)])
+def test_auto_follows_jax_platforms(monkeypatch, platforms, on_cpu):
+  monkeypatch.setattr(hostmem, 'accelerator_plugins', lambda: ['xla_cuda13'])   # JAX_PLATFORMS decides alone
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert hostmem.computes_on_cpu() is on_cpu
+
+
+def test_auto_leaves_accelerator_hosts_alone(monkeypatch, tmp_path):
+  # An accelerator plugin as JAX finds one: a module of the jax_plugins namespace package.
+  (tmp_path / 'jax_plugins' / 'fake_accel').mkdir(parents=True)
+  (tmp_path / 'jax_plugins' / 'fake_accel' / '__init__.py').write_text('')
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.setenv(hostmem.ENV_VAR, 'auto')
+  monkeypatch.setattr(hostmem, '_applied', False)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert 'fake_accel' in hostmem.accelerator_plugins()
+  assert hostmem.computes_on_cpu() is False
+  assert hostmem.keep_freed_memory() is False     # returns before any mallopt call
+  assert hostmem._applied is False
