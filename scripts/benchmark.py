@@ -14,14 +14,16 @@ On an accelerator each timed iteration runs ``--steps-per-iter`` steps back to b
 the last, as a training loop does; on the CPU each is one step after an untimed pause.
 
 It reports samples/s (median over ``--iters`` after warm-ups), the ratio to mmaction2, the fraction of the
-matmul peak in the compute dtype measured here with a large ``jnp.dot`` (model FLOPs = 2 × ``backbone_macs``; a train step counts
-3× the forward), the train step's compile time, and memory: XLA's buffer sizes of each compiled step, the
-process's peak RSS, and on accelerators the device's peak bytes in use. Then the Grain pipeline alone (train
-iterator, and the 10-clip test iterator) on NTU-sized synthetic samples (T=300, M=2), and a few training steps
-fed by the Grain iterator (data loading, host-to-device copy included) against the bare step.
+matmul peak in the compute dtype measured here with a large ``jnp.dot`` (model FLOPs = 2 × ``backbone_macs``; a
+train step counts 3× the forward), the train step's compile time, and memory: XLA's buffer sizes of each
+compiled step, the process's peak RSS, and on accelerators the device's peak bytes in use. Then the Grain
+pipeline alone (train iterator, and the 10-clip test iterator) on NTU-sized synthetic samples (T=300, M=2), and
+a few training steps fed by the Grain iterator (data loading, host-to-device copy included) against the bare
+step.
 
 The process runs with :func:`stgcn_jax.hostmem.keep_freed_memory`, as the training and test command lines do
-(``STGCN_JAX_HOST_MALLOC=system`` measures with glibc's defaults); mmaction2 shares the process and the setting.
+(by default it applies where JAX computes on the CPU; ``STGCN_JAX_HOST_MALLOC=system`` measures with glibc's
+defaults); mmaction2 shares the process and the setting.
 
 Usage::
 
@@ -182,12 +184,12 @@ class Ours:
 
 
 # -------------------------------------------------------------------------------------------- mmaction2
-def import_mmaction(threads: int) -> types.ModuleType | None:
-  """``mmaction`` when torch and mmaction2 import (``None`` otherwise), torch limited to ``threads``."""
+def import_mmaction(threads: int) -> tuple[types.ModuleType | None, str]:
+  """``(mmaction, '')`` when torch and mmaction2 import, torch limited to ``threads``; else ``(None, why)``."""
   try:
     import torch  # noqa: PLC0415  (optional)
-  except ImportError:
-    return None
+  except ImportError as e:
+    return None, f'torch: {e}'
   # The 1.2.0 wheel lacks mmaction.models.localizers.drn (upstream packaging bug); DRN is unused here.
   for name in ('mmaction.models.localizers.drn', 'mmaction.models.localizers.drn.drn'):
     if name not in sys.modules:
@@ -198,11 +200,11 @@ def import_mmaction(threads: int) -> types.ModuleType | None:
     import mmaction  # noqa: PLC0415
     import mmaction.models  # noqa: F401, PLC0415
     from mmaction.utils import register_all_modules  # noqa: PLC0415
-  except ImportError:
-    return None
+  except ImportError as e:
+    return None, f'mmaction2: {type(e).__name__}: {e}'
   register_all_modules()
   torch.set_num_threads(threads)
-  return mmaction
+  return mmaction, ''
 
 
 class MMAction2:
@@ -319,15 +321,15 @@ def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
                               'torch_device': torch_device},
       'device': f'{device.platform}:{device.device_kind}', 'jax': jax.__version__,
       'cpu_count': os.cpu_count(), 'matmul_peak_gflops': peak / 1e9, 'host_malloc': host_malloc, 'kinds': {}}
-  mmaction = None if args.skip_torch else import_mmaction(args.torch_threads)
+  mmaction, why = (None, '--skip-torch') if args.skip_torch else import_mmaction(args.torch_threads)
   # The stored mmaction2 figures were measured on the 2-core CPU machine: quoted only against a CPU run.
   reference = _reference_rates() if on_cpu else {}
   if mmaction is not None:
     result['mmaction2_source'] = f'measured here (torch {torch_device})'
   elif reference:
-    result['mmaction2_source'] = f'{REFERENCE.name} (mmaction2 not importable or --skip-torch)'
+    result['mmaction2_source'] = f'{REFERENCE.name} (not measured here: {why})'
   else:
-    result['mmaction2_source'] = 'none (mmaction2 not importable or --skip-torch)'
+    result['mmaction2_source'] = f'none (not measured here: {why})'
   with tempfile.TemporaryDirectory() as tmp:
     for kind in args.kinds:
       ours = Ours(kind, args.batch, args.dtype)

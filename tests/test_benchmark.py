@@ -47,3 +47,9 @@ def test_bad_arguments_are_rejected(benchmark, argv, message, capsys):
   with pytest.raises(SystemExit):
     benchmark.main(argv)
   assert message in capsys.readouterr().err
+
+
+def test_missing_torch_is_reported_not_raised(benchmark, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)          # import torch raises ImportError
+  module, why = benchmark.import_mmaction(2)
+  assert module is None and why.startswith('torch: ')
