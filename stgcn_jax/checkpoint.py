@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,23 @@ class CheckpointError(ValueError):
 
 
 def _quiet_orphaned_reads() -> None:
-  """After a failed restore, Orbax's other pending array reads finish on an event loop that is already closed,
-  and Python prints their ``RuntimeError: Event loop is closed`` as "Exception ignored" tracebacks after our
-  clear error. Only that message is dropped (installed once, on the first failed restore)."""
+  """Drops the tracebacks of array reads orphaned by a failed restore.
+
+  When one read of a restore fails, Orbax's event loop closes while tensorstore still completes the other
+  reads; their completion callbacks then fail in ``loop.call_soon_threadsafe`` with ``RuntimeError: Event loop
+  is closed``, which Python prints through ``sys.unraisablehook`` as a bare traceback next to our clear error.
+  They can fire before the restore's own exception reaches us, so this is installed before every restore
+  (once per process); it drops exactly that error raised in ``call_soon_threadsafe`` and passes everything
+  else to the previous hook. A restore that succeeds orphans nothing.
+  """
   previous = sys.unraisablehook
   if getattr(previous, '_stgcn_quiet', False):
     return
 
   def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value):
+    exc = unraisable.exc_value
+    if (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+        and any(frame.name == 'call_soon_threadsafe' for frame in traceback.extract_tb(unraisable.exc_traceback))):
       return
     previous(unraisable)
   hook._stgcn_quiet = True
@@ -97,10 +106,10 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
   args = {MODEL: ocp.args.StandardRestore({'params': like(state.params), 'stats': like(state.stats)}),
           OPT: ocp.args.StandardRestore({'step': like(state.step), 'opt_state': like(state.opt_state)}),
           DATA: grain.checkpoint.CheckpointRestore(iterator)}
+  _quiet_orphaned_reads()
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:   # tensorstore / JSON / Grain errors of every kind: the step cannot be used
-    _quiet_orphaned_reads()
     raise CheckpointError(f'{Path(mngr.directory) / str(step)} cannot be restored into this run: it is corrupt '
                           f'(damaged or truncated files) or from another architecture, optimiser or number of '
                           f'processes ({_short(e)}). Delete that step directory to resume from the previous '
@@ -142,10 +151,10 @@ def abstract_model_state(cfg: ModelConfig, *, dtype='float32', param_dtype='floa
 def restore_model_state(mngr: ocp.CheckpointManager, step: int, params_like, stats_like, *, source: str = ''):
   """Restores the ``model`` item into the structure (and shardings, when given) of ``params_like``/``stats_like``."""
   target = {'params': params_like, 'stats': stats_like}
+  _quiet_orphaned_reads()
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)}))[MODEL]
   except Exception as e:   # tensorstore raises plain Exception for damaged data files
-    _quiet_orphaned_reads()
     raise CheckpointError(f'{source or mngr.directory} step {step}: the saved model cannot be read: it is corrupt '
                           f'(damaged or truncated files) or does not fit the expected architecture '
                           f'({_short(e)})') from e

@@ -9,6 +9,7 @@ results and the final parameters.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -435,3 +437,30 @@ def test_metrics_log_of_a_killed_run_is_repaired_on_resume(tmp_path):
   assert path.read_text() == '\n'.join(lines) + '\n'
   train._repair_metrics(path, 0)                            # no checkpoint: the run starts again from step 0
   assert path.read_text() == ''
+
+
+def test_reads_orphaned_by_a_failed_restore_print_nothing(monkeypatch):
+  """The closed-loop error of a read whose restore already failed is dropped; anything else is reported."""
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  ckpt_lib._quiet_orphaned_reads()
+  hook = sys.unraisablehook
+  ckpt_lib._quiet_orphaned_reads()                      # once per process: not wrapped twice
+  assert sys.unraisablehook is hook
+
+  def unraisable(exc):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                                 err_msg=None, object=None)
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  with pytest.raises(RuntimeError, match='Event loop is closed') as orphan:
+    loop.call_soon_threadsafe(print)                    # what a late tensorstore completion callback does
+  hook(unraisable(orphan.value))
+  assert seen == []
+  with pytest.raises(RuntimeError) as elsewhere:
+    raise RuntimeError('Event loop is closed')          # same message, not from call_soon_threadsafe
+  other = ValueError('a different failure')
+  hook(unraisable(elsewhere.value))
+  hook(unraisable(other))
+  assert [u.exc_value for u in seen] == [elsewhere.value, other]
