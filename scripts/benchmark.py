@@ -198,6 +198,10 @@ def import_mmaction(threads: int) -> tuple[types.ModuleType | None, str]:
       sys.modules[name] = module
   try:
     import mmaction  # noqa: PLC0415
+    import mmaction.utils.dependency  # noqa: PLC0415
+    # mmaction.models imports its multimodal (VindLU) models whenever transformers>=4.28 is installed, and they
+    # fail to import against newer transformers releases. STGCN++ needs neither: register placeholders.
+    mmaction.utils.dependency.WITH_MULTIMODAL = False
     import mmaction.models  # noqa: F401, PLC0415
     from mmaction.utils import register_all_modules  # noqa: PLC0415
   except ImportError as e:
@@ -412,8 +416,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for name in ('batch', 'iters', 'samples'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be positive')
-  if args.samples < args.batch:
+  if not args.skip_pipeline and args.samples < args.batch:
     parser.error(f'--samples ({args.samples}) must be at least --batch ({args.batch})')
+  if not args.skip_torch and args.torch_device != 'cpu':
+    # mmaction2 may share the accelerator: JAX must not reserve 75% of its memory up front (set before JAX
+    # starts its backend). A value the caller set wins.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   # Both sides share the process and so the allocator; 'keep' is what our command lines run with.
   host_malloc = 'keep (stgcn_jax.hostmem)' if hostmem.keep_freed_memory() else 'glibc defaults'
   result = run(args, host_malloc)

@@ -53,3 +53,54 @@ def test_missing_torch_is_reported_not_raised(benchmark, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)          # import torch raises ImportError
   module, why = benchmark.import_mmaction(2)
   assert module is None and why.startswith('torch: ')
+
+
+def _fake_run(calls):
+  def run(args, host_malloc):
+    calls.append(args)
+    return {'kinds': {}}
+  return run
+
+
+@pytest.mark.parametrize('argv, preallocate', [
+    (['--skip-pipeline', '--batch', '128'], 'false'),               # mmaction2 may share the accelerator
+    (['--skip-pipeline', '--batch', '128', '--skip-torch'], None),   # JAX alone keeps its default
+    (['--skip-pipeline', '--torch-device', 'cpu'], None)])
+def test_arguments_reach_the_run_and_jax_leaves_room_for_torch(benchmark, monkeypatch, argv, preallocate):
+  calls = []
+  monkeypatch.setattr(benchmark, 'run', _fake_run(calls))
+  monkeypatch.setattr(benchmark, 'print_table', lambda result: None)
+  monkeypatch.setattr(benchmark.hostmem, 'keep_freed_memory', lambda: False)
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE', raising=False)
+  benchmark.main(argv)
+  # --samples (default 64) only sizes the pipeline measurement, so a batch above it is fine with --skip-pipeline.
+  assert len(calls) == 1 and calls[0].samples == 64
+  assert benchmark.os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE') == preallocate
+
+
+def test_mmaction2_imports_without_its_multimodal_models(benchmark, monkeypatch, tmp_path):
+  # mmaction.models imports VindLU whenever transformers>=4.28 is installed, and that import fails against
+  # newer transformers releases (seen on a GPU machine). A stand-in package reproduces that failure mode.
+  package = tmp_path / 'mmaction'
+  (package / 'utils').mkdir(parents=True)
+  (package / 'models').mkdir()
+  (package / '__init__.py').write_text('')
+  (package / 'utils' / '__init__.py').write_text('def register_all_modules():\n  pass\n')
+  (package / 'utils' / 'dependency.py').write_text('WITH_MULTIMODAL = True\n')
+  (package / 'models' / '__init__.py').write_text(
+      'from mmaction.utils.dependency import WITH_MULTIMODAL\n'
+      'if WITH_MULTIMODAL:\n'
+      "  raise ImportError(\"cannot import name 'apply_chunking_to_forward' from 'transformers.modeling_utils'\")\n")
+  threads = []
+  monkeypatch.setitem(sys.modules, 'torch', type(sys)('torch'))
+  sys.modules['torch'].set_num_threads = threads.append
+  for name in [n for n in sys.modules if n == 'mmaction' or n.startswith('mmaction.')]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  try:
+    module, why = benchmark.import_mmaction(3)
+    assert why == '' and module.__file__ == str(package / '__init__.py') and threads == [3]
+    assert sys.modules['mmaction.utils.dependency'].WITH_MULTIMODAL is False
+  finally:
+    for name in [n for n in sys.modules if n == 'mmaction' or n.startswith('mmaction.')]:
+      del sys.modules[name]

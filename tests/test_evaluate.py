@@ -87,9 +87,12 @@ def test_cli_prints_accuracy_and_writes_dump_and_report(converted, ann_file, tmp
   cmd = [sys.executable, '-m', 'stgcn_jax.test', '--checkpoint', str(converted),
          '--config', str(ROOT / 'configs' / 'ntu60_2d_joint.py'), f'--config.data.ann_file={ann_file}',
          '--config.data.test_split=xsub_val', '--config.eval_batch_size=8', '--config.data.num_workers=0',
-         f'--config.data.cache_dir={tmp_path}', '--num_clips=2', f'--dump={dump}']
+         f'--config.data.cache_dir={tmp_path}', '--num_clips=2', f'--compilation_cache_dir={tmp_path / "xla"}',
+         f'--dump={dump}']
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
+  # The compiled test step was kept for the next run.
+  assert [p.name for p in (tmp_path / 'xla').iterdir() if p.name.startswith('jit_') and p.name.endswith('-cache')]
   assert 'top1:' in out.stdout and 'mean_class:' in out.stdout
   res = results_lib.read_results(dump)
   assert res.scores.shape == (4, 60) and list(res.labels) == [int(x) for x in res.labels]
@@ -101,3 +104,8 @@ def test_cli_prints_accuracy_and_writes_dump_and_report(converted, ann_file, tmp
   bad = subprocess.run(cmd[:-1] + ['--config.data.test_split=nope'], capture_output=True, text=True, timeout=600,
                        cwd=tmp_path)
   assert bad.returncode == 2 and "unknown split 'nope'" in bad.stderr and 'Traceback' not in bad.stderr
+
+  not_a_folder = subprocess.run(cmd[:-2] + [f'--compilation_cache_dir={dump}'], capture_output=True, text=True,
+                                timeout=600, cwd=tmp_path)
+  assert not_a_folder.returncode == 2 and 'Traceback' not in not_a_folder.stderr
+  assert f'--compilation_cache_dir {dump}: not a writable directory' in not_a_folder.stderr
