@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ def use_compilation_cache(path: str) -> Path:
   compiles in 20-60 s). Must be called before the first compile. Returns the directory."""
   import jax
 
+  from stgcn_jax.train import write_probe
+
   directory = Path(path).expanduser()
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix='.write_probe'):
-      pass
+    write_probe(directory)
   except OSError as e:
     raise ValueError(f'--compilation_cache_dir {path}: not a writable directory ({e.strerror or e}); pass a '
                      'writable folder, or leave the flag out to compile every run') from e

@@ -253,8 +253,9 @@ class MetricWriter:
         self._tb.close()
 
 
-def probe_writable(directory: Path) -> None:
-  """Fails early, with the reason, when the workdir cannot be written (read-only, disk full)."""
+def write_probe(directory: Path) -> None:
+  """Creates ``directory`` if needed and writes, syncs and removes 64 KiB in it: raises ``OSError`` when it
+  cannot be written (read-only, not a directory, disk full)."""
   probe = directory / f'.write-probe-{os.getpid()}'
   try:
     directory.mkdir(parents=True, exist_ok=True)
@@ -262,14 +263,20 @@ def probe_writable(directory: Path) -> None:
       f.write(b'\0' * 65536)
       f.flush()
       os.fsync(f.fileno())
-  except OSError as e:
-    raise ConfigError(f'workdir {str(directory)!r} is not writable ({e.strerror or e}); free some space or choose '
-                      'another --workdir') from e
   finally:
     try:
       probe.unlink()
     except OSError:            # never created (or the directory is gone): nothing to remove
       pass
+
+
+def probe_writable(directory: Path) -> None:
+  """Fails early, with the reason, when the workdir cannot be written (read-only, disk full)."""
+  try:
+    write_probe(directory)
+  except OSError as e:
+    raise ConfigError(f'workdir {str(directory)!r} is not writable ({e.strerror or e}); free some space or choose '
+                      'another --workdir') from e
 
 
 class _SignalFlag:
