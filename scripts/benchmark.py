@@ -159,7 +159,7 @@ class Ours:
     start = time.perf_counter()
     self.train_compiled = train_step.lower(self.state, self.batch, self.key).compile()
     self.compile_s = time.perf_counter() - start
-    eval_step = jax.jit(steps.make_eval_step(graphdef))
+    eval_step = jax.jit(steps.make_eval_step(graphdef, micro_batch='auto'))
     start = time.perf_counter()
     self.eval_compiled = eval_step.lower(params, stats, self.batch['keypoint']).compile()
     self.eval_compile_s = time.perf_counter() - start

@@ -32,7 +32,9 @@ class Evaluator:
   def __init__(self, graphdef, mesh: Mesh):
     self.mesh = mesh
     rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-    self._step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(rep, rep, data), out_shardings=(data, data))
+    # One device: cache-sized micro-batches on the CPU (a sharded batch is left whole).
+    step = steps.make_eval_step(graphdef, micro_batch='auto' if mesh.devices.size == 1 else None)
+    self._step = jax.jit(step, in_shardings=(rep, rep, data), out_shardings=(data, data))
 
   def predict(self, params, stats, dataset, *, feat: str, layout: Any, clip_len: int, num_clips: int,
               batch_size: int, num_workers: int = 0) -> np.ndarray:

@@ -206,12 +206,29 @@ class Recognizer(nnx.Module):
     self.cls_head = GCNHead(c_out, cfg.num_classes, dropout=cfg.head_dropout, dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: Array, *, train: bool = False, bn_groups: int = 1, rng: Array | None = None) -> Array:
+  def __call__(self, x: Array, *, train: bool = False, bn_groups: int = 1, rng: Array | None = None,
+               micro_batch: int | str | None = None) -> Array:
+    """Logits ``(N, num_classes)``.
+
+    ``micro_batch`` (eval only): run the samples through the network that many at a time, one micro-batch
+    after another within the same computation, with the same result. ``'auto'`` picks
+    :func:`auto_micro_batch`. On the CPU, micro-batches whose activations fit in the cache run about 20%
+    faster than the whole batch at once; on accelerators the whole batch is faster.
+    """
     if x.ndim != 5:
       raise ValueError(f'expected keypoints (N, M, T, V, C), got shape {x.shape}')
     self._check_input(x.shape[-2:])
     if x.shape[0] % bn_groups:
       raise ValueError(f'batch {x.shape[0]} is not divisible into {bn_groups} BatchNorm groups')
+    if micro_batch is not None:
+      if train:
+        raise ValueError('micro_batch applies to eval mode only: training BatchNorm uses the whole batch')
+      if micro_batch == 'auto':
+        micro_batch = auto_micro_batch(x.shape)
+      chunk = x.shape[0] if micro_batch is None else _divisor_at_most(x.shape[0], micro_batch)
+      if chunk < x.shape[0]:
+        chunks = x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+        return jax.lax.map(self, chunks).reshape(x.shape[0], -1)
     keys = (None, None) if rng is None else tuple(jax.random.split(rng))
     feat = self.backbone(x, train=train, groups=bn_groups, rng=keys[0])
     return self.cls_head(feat, train=train, rng=keys[1])
@@ -220,13 +237,14 @@ class Recognizer(nnx.Module):
     """Backbone features in eval mode, ``(N, M, T', V, C')``."""
     return self.backbone(x, train=False)
 
-  def predict_clips(self, x: Array) -> tuple[Array, Array]:
+  def predict_clips(self, x: Array, *, micro_batch: int | str | None = None) -> tuple[Array, Array]:
     """The test protocol on ``(N, S, M, T, V, C)``: per-clip logits ``(N, S, K)`` and probabilities averaged
-    over clips after a softmax per clip (mmaction2 ``average_clips='prob'``), ``(N, K)``."""
+    over clips after a softmax per clip (mmaction2 ``average_clips='prob'``), ``(N, K)``. ``micro_batch``
+    counts clips (see :meth:`__call__`)."""
     if x.ndim != 6:
       raise ValueError(f'expected keypoints (N, num_clips, M, T, V, C), got shape {x.shape}')
     n, s = x.shape[:2]
-    logits = self(x.reshape((n * s,) + x.shape[2:])).reshape(n, s, -1)
+    logits = self(x.reshape((n * s,) + x.shape[2:]), micro_batch=micro_batch).reshape(n, s, -1)
     return logits, jax.nn.softmax(logits, axis=-1).mean(axis=1)
 
   def _check_input(self, vc: tuple[int, int]):
@@ -235,6 +253,28 @@ class Recognizer(nnx.Module):
       raise ValueError(f'this model expects V={self.config.num_node} joints (layout {_layout_name(self.config)}) '
                        f'and C={self.config.in_channels} channels, got V={v}, C={c}; check the skeleton layout '
                        'and the modality of the data')
+
+
+# Rows (person × frame × joint) of the activations per micro-batch that keep a CPU's working set in its cache:
+# 8192 is 2 clips of 2 persons × 100 frames × 17 joints (measured best for 17 and 25 joints on a 32 MiB L3).
+MICRO_BATCH_ROWS = 8192
+
+
+def auto_micro_batch(shape: tuple[int, ...], platform: str | None = None) -> int | None:
+  """Samples per eval micro-batch for inputs of ``shape`` ``(N, M, T, V, C)`` on ``platform`` (default: JAX's
+  default backend): ``None`` (the whole batch) on accelerators; on the CPU, about :data:`MICRO_BATCH_ROWS`
+  rows of ``M·T·V`` per sample, at least one sample."""
+  if (platform or jax.default_backend()) != 'cpu':
+    return None
+  m, t, v = shape[-4:-1]
+  return max(1, MICRO_BATCH_ROWS // (m * t * v))
+
+
+def _divisor_at_most(n: int, limit: int | None) -> int:
+  """The largest divisor of ``n`` that is at most ``limit`` (``n`` when ``limit`` is ``None``)."""
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    raise ValueError(f"micro_batch must be a positive integer, 'auto' or None, got {limit!r}")
+  return next((d for d in range(min(limit, n), 0, -1) if n % d == 0), n)
 
 
 def _layout_name(cfg: ModelConfig) -> str:

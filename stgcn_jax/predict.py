@@ -131,7 +131,7 @@ def predict_arrays(model: Recognizer, x: np.ndarray, *, batch_size: int = 32) ->
   pad = -clips.shape[0] % batch       # a fixed batch shape: one compilation
   clips = np.concatenate([clips, np.zeros((pad,) + clips.shape[1:], clips.dtype)]) if pad else clips
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, xb: nnx.merge(graphdef, state)(xb))
+  forward = jax.jit(lambda state, xb: nnx.merge(graphdef, state)(xb, micro_batch='auto'))
   logits = np.concatenate([np.asarray(forward(state, clips[i:i + batch])) for i in range(0, len(clips), batch)])
   logits = logits[:n * s].reshape(n, s, -1)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1).mean(axis=1))

@@ -106,11 +106,14 @@ def _tree_norm(tree) -> Array:
   return norm(tree)
 
 
-def make_eval_step(graphdef):
-  """``eval_step(params, stats, keypoint (N, S, M, T, V, C)) -> (logits (N, S, K), probs (N, K))``."""
+def make_eval_step(graphdef, *, micro_batch: int | str | None = None):
+  """``eval_step(params, stats, keypoint (N, S, M, T, V, C)) -> (logits (N, S, K), probs (N, K))``.
+
+  ``micro_batch``: clips per micro-batch (:meth:`Recognizer.__call__`); ``'auto'`` micro-batches on the CPU.
+  """
   def eval_step(params, stats, keypoint):
     model = nnx.merge(graphdef, params, stats)
-    return model.predict_clips(keypoint)
+    return model.predict_clips(keypoint, micro_batch=micro_batch)
   return eval_step
 
 

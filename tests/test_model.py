@@ -192,10 +192,12 @@ def test_eval_parity(fixtures_dir, ref_model, kind):
   feat = jax.jit(lambda st, x: nnx.merge(graphdef, st).extract_feat(x))(state, x.reshape((n * s,) + x.shape[2:]))
   feat = np.asarray(feat).transpose(0, 1, 4, 2, 3)            # (N·S, M, T', V, C') -> torch (N·S, M, C', T', V)
   np.testing.assert_allclose(feat, g['feat'], atol=1e-4, rtol=0)
-  logits, probs = jax.jit(lambda st, x: nnx.merge(graphdef, st).predict_clips(x))(state, x)
-  np.testing.assert_allclose(np.asarray(logits).reshape(n * s, -1), g['logits'], atol=2e-5, rtol=0)
-  np.testing.assert_allclose(np.asarray(probs), g['probs'], atol=1e-6, rtol=0)
-  np.testing.assert_array_equal(np.asarray(probs).argmax(-1), g['pred_label'])
+  # The whole batch at once, and micro-batches of 4 clips (4 does not divide the 6 clips: 3 are used) and 1.
+  for micro_batch in (None, 4, 1):
+    logits, probs = jax.jit(lambda st, x: nnx.merge(graphdef, st).predict_clips(x, micro_batch=micro_batch))(state, x)
+    np.testing.assert_allclose(np.asarray(logits).reshape(n * s, -1), g['logits'], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(probs), g['probs'], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(probs).argmax(-1), g['pred_label'])
 
 
 # ---------------------------------------------------------------------------------------- train parity
@@ -290,6 +292,31 @@ def test_train_gradients_float64(fixtures_dir, kind):
     max_g = max(np.abs(g['grad_f64/' + k]).max() for k in keys)
     for key in keys:
       np.testing.assert_allclose(grads[key], g['grad_f64/' + key], rtol=1e-5, atol=1e-6 * max_g, err_msg=key)
+
+
+def test_micro_batches_give_the_whole_batch_result():
+  cfg = ModelConfig(layout='coco', num_classes=7)
+  model = build_model(cfg, seed=1)
+  x = jax.random.normal(jax.random.key(5), (7, 2, 12, 17, 3))
+  whole = np.asarray(model(x))
+  for micro_batch in (1, 2, 3, 7, 50, 'auto'):    # 2 and 3 do not divide 7: micro-batches of 1 sample
+    np.testing.assert_allclose(np.asarray(model(x, micro_batch=micro_batch)), whole, rtol=1e-6, atol=1e-6,
+                               err_msg=str(micro_batch))
+  with pytest.raises(ValueError, match='eval mode only'):
+    model(x, train=True, micro_batch=2)
+  for bad in (0, -1, 2.0, True, 'fast'):
+    with pytest.raises(ValueError, match='micro_batch must be'):
+      model(x, micro_batch=bad)
+
+
+def test_auto_micro_batch():
+  from stgcn_jax.model import MICRO_BATCH_ROWS, auto_micro_batch
+  assert auto_micro_batch((16, 2, 100, 17, 3), 'cpu') == MICRO_BATCH_ROWS // 3400 == 2
+  assert auto_micro_batch((16, 2, 100, 25, 3), 'cpu') == 1
+  assert auto_micro_batch((16, 1, 20, 17, 3), 'cpu') == MICRO_BATCH_ROWS // 340
+  assert auto_micro_batch((16, 2, 300, 25, 3), 'cpu') == 1
+  for platform in ('gpu', 'tpu'):
+    assert auto_micro_batch((16, 2, 100, 17, 3), platform) is None
 
 
 # -------------------------------------------------------------------------------- BN groups and dtypes
