@@ -270,8 +270,8 @@ def auto_micro_batch(shape: tuple[int, ...], platform: str | None = None) -> int
   return max(1, MICRO_BATCH_ROWS // (m * t * v))
 
 
-def _divisor_at_most(n: int, limit: int | None) -> int:
-  """The largest divisor of ``n`` that is at most ``limit`` (``n`` when ``limit`` is ``None``)."""
+def _divisor_at_most(n: int, limit: int) -> int:
+  """The largest divisor of ``n`` that is at most ``limit`` (a positive integer, else ``ValueError``)."""
   if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
     raise ValueError(f"micro_batch must be a positive integer, 'auto' or None, got {limit!r}")
   return next((d for d in range(min(limit, n), 0, -1) if n % d == 0), n)
