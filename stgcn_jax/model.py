@@ -223,12 +223,12 @@ class Recognizer(nnx.Module):
     if micro_batch is not None:
       if train:
         raise ValueError('micro_batch applies to eval mode only: training BatchNorm uses the whole batch')
+      n = x.shape[0]
       if micro_batch == 'auto':
         micro_batch = auto_micro_batch(x.shape)
-      chunk = x.shape[0] if micro_batch is None else _divisor_at_most(x.shape[0], micro_batch)
-      if chunk < x.shape[0]:
-        chunks = x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
-        return jax.lax.map(self, chunks).reshape(x.shape[0], -1)
+      chunk = n if micro_batch is None else _divisor_at_most(n, micro_batch)
+      if chunk < n:
+        return jax.lax.map(self, x.reshape((n // chunk, chunk) + x.shape[1:])).reshape(n, -1)
     keys = (None, None) if rng is None else tuple(jax.random.split(rng))
     feat = self.backbone(x, train=train, groups=bn_groups, rng=keys[0])
     return self.cls_head(feat, train=train, rng=keys[1])
