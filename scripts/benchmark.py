@@ -21,9 +21,10 @@ pipeline alone (train iterator, and the 10-clip test iterator) on NTU-sized synt
 a few training steps fed by the Grain iterator (data loading, host-to-device copy included) against the bare
 step.
 
-The process runs with :func:`stgcn_jax.hostmem.keep_freed_memory`, as the training and test command lines do
-(by default it applies where JAX computes on the CPU; ``STGCN_JAX_HOST_MALLOC=system`` measures with glibc's
-defaults); mmaction2 shares the process and the setting.
+The process uses the host allocator the training and test command lines use (:mod:`stgcn_jax.hostmem`): where
+JAX computes on the CPU, it relaunches itself on tcmalloc when that is installed, else it makes glibc keep freed
+memory (``STGCN_JAX_HOST_MALLOC=keep`` forces the latter, ``system`` measures with glibc's defaults); mmaction2
+shares the process and the allocator, which the report names.
 
 Usage::
 
@@ -55,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stgcn_jax import hostmem, steps
+from stgcn_jax import cli, hostmem, steps
 from stgcn_jax.model import ModelConfig, backbone_macs, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -422,8 +423,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # mmaction2 may share the accelerator: JAX must not reserve 75% of its memory up front (set before JAX
     # starts its backend). A value the caller set wins.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  # Both sides share the process and so the allocator; 'keep' is what our command lines run with.
-  host_malloc = 'keep (stgcn_jax.hostmem)' if hostmem.keep_freed_memory() else 'glibc defaults'
+  # Both sides share the process and so the allocator: the one our command lines run with (tcmalloc, relaunched
+  # in __main__, else glibc keeping freed memory).
+  hostmem.keep_freed_memory()
+  host_malloc = hostmem.describe()
   result = run(args, host_malloc)
   if args.json:
     json.dump(result, sys.stdout, indent=1)
@@ -434,4 +437,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  cli.relaunch_with_tcmalloc()
   main()

@@ -53,6 +53,16 @@ def use_compilation_cache(path: str) -> Path:
   return directory
 
 
+def relaunch_with_tcmalloc() -> None:
+  """First thing in a command line's ``__main__``: re-executes it on tcmalloc where that is the host allocator to
+  use (:func:`stgcn_jax.hostmem.relaunch_with_tcmalloc`); exits with status 2 and the reason when
+  ``STGCN_JAX_HOST_MALLOC`` is invalid, or is ``tcmalloc`` and tcmalloc cannot be used."""
+  try:
+    hostmem.relaunch_with_tcmalloc()
+  except (RuntimeError, ValueError) as e:
+    sys.exit(fail(e))
+
+
 def run(body: Callable[[Any], int | None], argv: list[str] | None = None) -> int:
   """Parses the flags defined so far, starts the multi-host runtime when asked, runs ``body(FLAGS)`` and returns
   its exit status (flag errors give absl's status)."""
@@ -69,6 +79,7 @@ def run(body: Callable[[Any], int | None], argv: list[str] | None = None) -> int
   def main(_):
     nonlocal status
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    logging.getLogger(__name__).info('host allocator: %s', hostmem.describe())
     FLAGS = flags.FLAGS
     if FLAGS.compilation_cache_dir:
       try:

@@ -1,29 +1,45 @@
-"""Host memory allocator settings for XLA's CPU backend.
+"""Host memory allocator for XLA's CPU backend.
 
 XLA:CPU allocates an executable's temporaries at every call and frees them when it returns: gigabytes for an
-STGCN++ train step (3.8 GiB for the 3D model at batch 16). Under glibc, blocks that large requested from
-XLA's worker threads are always fresh ``mmap`` regions, returned to the kernel on ``free``, so every step
-page-faults and zeroes all of them again: about 680 000 faults and 1.3 s of kernel time per 2D train step on
-a 2-core machine, a million faults per 3D step. :func:`keep_freed_memory` makes glibc serve them from its
-main heap and keep what is freed for the next step instead (after the first step: no faults).
+STGCN++ train step (3.8 GiB for the 3D model at batch 16), and on the CPU the thunks of every op allocate small
+blocks too. glibc's malloc serves both badly:
 
-The command lines (``stgcn_jax.train``, ``stgcn_jax.test``) and ``scripts/benchmark.py`` call it at start-up;
-call it first thing in a notebook or script to get the same. ``STGCN_JAX_HOST_MALLOC`` chooses:
+- with its defaults, blocks that large requested from XLA's worker threads are always fresh ``mmap`` regions,
+  returned to the kernel on ``free``, so every step page-faults and zeroes all of them again: about 680 000
+  faults and 1.3 s of kernel time per 2D train step on a 2-core machine, a million faults per 3D step;
+- :func:`keep_freed_memory` makes glibc serve them from its main heap and keep what is freed for the next step
+  (after the first step: no faults), but then every thread shares that one arena, which the compiler's
+  allocations leave fragmented: 9% of the time of inference went to glibc's ``_int_malloc`` afterwards.
 
-- ``auto`` (the default): the settings apply only where JAX will compute on the CPU, that is where
-  ``JAX_PLATFORMS`` names ``cpu`` first, or where it is unset and no accelerator plugin (CUDA, ROCm, TPU) is
-  installed. On a GPU host the single arena serialises the allocations of XLA's parallel compiler threads:
-  on a 16-core H100 machine the 2D train step's compile went from 62 s to over 90 s with it;
-- ``keep``: always apply them;
-- ``system``: keep glibc's defaults.
+gperftools' tcmalloc has neither problem when it keeps what is freed (``TCMALLOC_RELEASE_RATE=0``): measured
+side by side with mmaction2 in one process on 2 cores, the 2D train step ran 1.22× mmaction2 under it against
+1.10× with :func:`keep_freed_memory`, and inference 1.63× against 1.47×. tcmalloc must be loaded before the
+process starts, so :func:`relaunch_with_tcmalloc` re-executes the command line with it preloaded
+(``LD_PRELOAD``); the command lines (``stgcn_jax.train``, ``stgcn_jax.test``, ``stgcn_jax.predict``) and the
+benchmarks call it first, then :func:`keep_freed_memory`, which applies where tcmalloc could not be used.
+In a notebook or your own script, call :func:`keep_freed_memory` first thing, or start Python with
+``LD_PRELOAD=libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0``.
 
-The cost: host memory freed by the process is not returned to the system until it exits (the resident size
-stays at its peak), and all threads share one malloc arena.
+``STGCN_JAX_HOST_MALLOC`` chooses:
+
+- ``auto`` (the default): only where JAX will compute on the CPU, that is where ``JAX_PLATFORMS`` names ``cpu``
+  first, or where it is unset and no accelerator plugin (CUDA, ROCm, TPU) is installed: tcmalloc when it is
+  installed (Debian/Ubuntu: ``apt install libtcmalloc-minimal4``; Fedora: ``dnf install gperftools-libs``;
+  conda: ``conda install -c conda-forge gperftools``), else glibc with :func:`keep_freed_memory`. On a GPU
+  host glibc's defaults are kept: there the single arena serialises the allocations of XLA's parallel compiler
+  threads (on a 16-core H100 machine the 2D train step's compile went from 62 s to over 90 s with it);
+- ``tcmalloc``: tcmalloc wherever JAX computes, an error where it is not installed;
+- ``keep``: glibc with :func:`keep_freed_memory`, wherever JAX computes;
+- ``system``: glibc's defaults.
+
+The cost of both ``tcmalloc`` and ``keep``: host memory freed by the process is not returned to the system until
+it exits (the resident size stays at its peak).
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -32,6 +48,11 @@ import pkgutil
 import sys
 
 ENV_VAR = 'STGCN_JAX_HOST_MALLOC'
+CHOICES = ('auto', 'tcmalloc', 'keep', 'system')
+# Set in the environment of the relaunched process: a relaunch happens at most once.
+RELAUNCHED_VAR = 'STGCN_JAX_TCMALLOC_RELAUNCHED'
+TCMALLOC_INSTALL = ('Debian/Ubuntu: apt install libtcmalloc-minimal4; Fedora: dnf install gperftools-libs; '
+                    'conda: conda install -c conda-forge gperftools')
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -60,22 +81,99 @@ def computes_on_cpu() -> bool:
   return not accelerator_plugins()
 
 
+def choice() -> str:
+  """The validated value of ``STGCN_JAX_HOST_MALLOC`` (default ``auto``)."""
+  value = os.environ.get(ENV_VAR, 'auto').strip().lower()
+  if value not in CHOICES:
+    raise ValueError(f'{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of ' + ', '.join(repr(c) for c in CHOICES)
+                     + " ('auto' is the default)")
+  return value
+
+
+def tcmalloc_loaded() -> bool:
+  """Whether this process's ``malloc`` is gperftools' tcmalloc (preloaded, or linked into the executable)."""
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    process = ctypes.CDLL(None)
+    return (ctypes.cast(process.malloc, ctypes.c_void_p).value
+            == ctypes.cast(process.tc_malloc, ctypes.c_void_p).value)
+  except (OSError, AttributeError):
+    return False
+
+
+def find_tcmalloc() -> str | None:
+  """The installed tcmalloc library's name as the dynamic loader finds it (``libtcmalloc_minimal.so.4``), or None."""
+  for name in ('tcmalloc_minimal', 'tcmalloc'):
+    found = ctypes.util.find_library(name)
+    if found:
+      return found
+  return None
+
+
+def _wants_tcmalloc(setting: str) -> bool:
+  return setting == 'tcmalloc' or (setting == 'auto' and computes_on_cpu())
+
+
+def relaunch_env(environ: dict[str, str], library: str | None) -> dict[str, str]:
+  """``environ`` with ``library`` preloaded first (None: ``LD_PRELOAD`` as it is), tcmalloc told to keep freed
+  memory unless the caller set a release rate, and the relaunch marked."""
+  env = dict(environ)
+  if library is not None:
+    env['LD_PRELOAD'] = ':'.join(p for p in (library, environ.get('LD_PRELOAD', '')) if p)
+  env.setdefault('TCMALLOC_RELEASE_RATE', '0')
+  env[RELAUNCHED_VAR] = '1'
+  return env
+
+
+def relaunch_with_tcmalloc() -> None:
+  """Re-executes this process's command line (``sys.orig_argv``) on tcmalloc, where it is wanted.
+
+  Call it first thing in a command line's ``__main__``, before anything is written or started that the new
+  process would repeat. The new process preloads tcmalloc and runs with ``TCMALLOC_RELEASE_RATE=0`` (unless that
+  is set); a process already on tcmalloc is relaunched only to set that rate. Nothing happens off Linux, when
+  ``STGCN_JAX_HOST_MALLOC`` is ``keep`` or ``system``, when it is ``auto`` and JAX will compute on an
+  accelerator or tcmalloc is not installed, when the process is on tcmalloc with a release rate set, and in a
+  process it relaunched already. The process keeps its id, so launchers and signals are not affected.
+  Raises ``RuntimeError`` when ``STGCN_JAX_HOST_MALLOC`` is ``tcmalloc`` and tcmalloc cannot be used.
+  """
+  setting = choice()
+  if not _wants_tcmalloc(setting):
+    return
+  loaded = tcmalloc_loaded()
+  if loaded and 'TCMALLOC_RELEASE_RATE' in os.environ:
+    return
+  if not sys.platform.startswith('linux'):
+    if setting == 'tcmalloc':
+      raise RuntimeError(f'{ENV_VAR}=tcmalloc: preloading tcmalloc needs Linux; use auto or system')
+    return
+  library = None if loaded else find_tcmalloc()
+  if os.environ.get(RELAUNCHED_VAR) or not (loaded or library):
+    if setting == 'tcmalloc' and not loaded:
+      why = ('the relaunched process does not run on it (see the dynamic loader\'s message above)'
+             if library else f'it is not installed ({TCMALLOC_INSTALL})')
+      raise RuntimeError(f'{ENV_VAR}=tcmalloc: {why}; or set {ENV_VAR}=auto to fall back to glibc')
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, relaunch_env(dict(os.environ), library))
+
+
 def keep_freed_memory() -> bool:
   """Configures glibc malloc to keep freed memory for reuse: one arena, no ``mmap``-backed blocks, no trimming.
 
   Call it before JAX starts its backend (its threads bind to a malloc arena on their first allocation).
-  Returns whether the settings are in effect: ``False`` off Linux/glibc, when ``STGCN_JAX_HOST_MALLOC`` is
-  ``system``, or when it is ``auto`` (the default) and JAX will compute on an accelerator. Idempotent.
+  Returns whether the settings are in effect: ``False`` off Linux/glibc, when the process runs on tcmalloc,
+  when ``STGCN_JAX_HOST_MALLOC`` is ``system`` or ``tcmalloc``, or when it is ``auto`` and JAX will compute on an
+  accelerator. Idempotent.
   """
   global _applied
   if _applied:
     return True
-  choice = os.environ.get(ENV_VAR, 'auto').strip().lower()
-  if choice not in ('auto', 'keep', 'system'):
-    raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 'auto' (the default), 'keep' or 'system'")
-  if choice == 'system' or (choice == 'auto' and not computes_on_cpu()):
+  setting = choice()
+  if setting in ('system', 'tcmalloc') or (setting == 'auto' and not computes_on_cpu()):
     return False
-  if not sys.platform.startswith('linux'):
+  if not sys.platform.startswith('linux') or tcmalloc_loaded():
     return False
   try:
     libc = ctypes.CDLL(None)
@@ -93,3 +191,11 @@ def keep_freed_memory() -> bool:
     return False
   _applied = True
   return True
+
+
+def describe() -> str:
+  """The host allocator in effect, in words (for logs and benchmark reports)."""
+  if tcmalloc_loaded():
+    rate = os.environ.get('TCMALLOC_RELEASE_RATE')
+    return 'tcmalloc' + ('' if rate is None else f' (TCMALLOC_RELEASE_RATE={rate})')
+  return 'glibc, freed memory kept (stgcn_jax.hostmem)' if _applied else 'glibc defaults'

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stgcn_jax import cli
 from stgcn_jax import graph as graph_lib
 from stgcn_jax import labels as labels_lib
 from stgcn_jax.model import Recognizer
@@ -197,4 +198,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  cli.relaunch_with_tcmalloc()
   sys.exit(main())

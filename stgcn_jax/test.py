@@ -71,4 +71,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from stgcn_jax import cli
+  cli.relaunch_with_tcmalloc()
   sys.exit(main())

@@ -654,4 +654,6 @@ def _print_summary(out: dict[str, Any]) -> None:
 
 
 if __name__ == '__main__':
+  from stgcn_jax import cli
+  cli.relaunch_with_tcmalloc()
   sys.exit(main())

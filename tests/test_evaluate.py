@@ -14,6 +14,7 @@ from configs import base
 from stgcn_jax import checkpoint as ckpt_lib
 from stgcn_jax import convert
 from stgcn_jax import evaluate as eval_lib
+from stgcn_jax import hostmem
 from stgcn_jax import results as results_lib
 from stgcn_jax import sharding as sharding_lib
 
@@ -94,6 +95,8 @@ def test_cli_prints_accuracy_and_writes_dump_and_report(converted, ann_file, tmp
   # The compiled test step was kept for the next run.
   assert [p.name for p in (tmp_path / 'xla').iterdir() if p.name.startswith('jit_') and p.name.endswith('-cache')]
   assert 'top1:' in out.stdout and 'mean_class:' in out.stdout
+  if hostmem.choice() == 'auto' and hostmem.computes_on_cpu() and hostmem.find_tcmalloc():
+    assert 'host allocator: tcmalloc (TCMALLOC_RELEASE_RATE=' in out.stderr     # the command relaunched on it
   res = results_lib.read_results(dump)
   assert res.scores.shape == (4, 60) and list(res.labels) == [int(x) for x in res.labels]
   assert res.frame_dirs[0] == 's2d_T001_M1'
