@@ -12,13 +12,14 @@ blocks too. glibc's malloc serves both badly:
   allocations leave fragmented: 9% of the time of inference went to glibc's ``_int_malloc`` afterwards.
 
 gperftools' tcmalloc has neither problem when it keeps what is freed (``TCMALLOC_RELEASE_RATE=0``): measured
-side by side with mmaction2 in one process on 2 cores, the 2D train step ran 1.22× mmaction2 under it against
-1.10× with :func:`keep_freed_memory`, and inference 1.63× against 1.47×. tcmalloc must be loaded before the
-process starts, so :func:`relaunch_with_tcmalloc` re-executes the command line with it preloaded
-(``LD_PRELOAD``); the command lines (``stgcn_jax.train``, ``stgcn_jax.test``, ``stgcn_jax.predict``) and the
-benchmarks call it first, then :func:`keep_freed_memory`, which applies where tcmalloc could not be used.
-In a notebook or your own script, call :func:`keep_freed_memory` first thing, or start Python with
-``LD_PRELOAD=libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0``.
+side by side with mmaction2 in one process on 2 cores, the 2D train step ran at 1.17–1.22× mmaction2 under it
+against 1.05–1.17× with :func:`keep_freed_memory`, and inference at 1.49–1.67× against 1.42–1.48× (README,
+"Speed"). tcmalloc must be loaded before the process starts, so :func:`relaunch_with_tcmalloc` re-executes the
+command line with it preloaded (``LD_PRELOAD``). The command lines (``stgcn_jax.train``, ``stgcn_jax.test``,
+``stgcn_jax.predict``) and ``scripts/benchmark.py`` call it first; all but ``predict`` then call
+:func:`keep_freed_memory`, which applies where tcmalloc is not in use. In a notebook or your own script, call
+:func:`keep_freed_memory` first thing, or start Python with ``LD_PRELOAD=libtcmalloc_minimal.so.4
+TCMALLOC_RELEASE_RATE=0``.
 
 ``STGCN_JAX_HOST_MALLOC`` chooses:
 
