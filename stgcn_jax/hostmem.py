@@ -47,6 +47,7 @@ import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Mapping
 
 ENV_VAR = 'STGCN_JAX_HOST_MALLOC'
 CHOICES = ('auto', 'tcmalloc', 'keep', 'system')
@@ -116,7 +117,7 @@ def _wants_tcmalloc(setting: str) -> bool:
   return setting == 'tcmalloc' or (setting == 'auto' and computes_on_cpu())
 
 
-def relaunch_env(environ: dict[str, str], library: str | None) -> dict[str, str]:
+def relaunch_env(environ: Mapping[str, str], library: str | None) -> dict[str, str]:
   """``environ`` with ``library`` preloaded first (None: ``LD_PRELOAD`` as it is), tcmalloc told to keep freed
   memory unless the caller set a release rate, and the relaunch marked."""
   env = dict(environ)
@@ -157,7 +158,7 @@ def relaunch_with_tcmalloc() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, relaunch_env(dict(os.environ), library))
+  os.execve(sys.executable, sys.orig_argv, relaunch_env(os.environ, library))
 
 
 def keep_freed_memory() -> bool:
