@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stgcn_jax import cli, hostmem, steps
+from stgcn_jax import cli, hostmem, steps, torch_reference
 from stgcn_jax.model import ModelConfig, backbone_macs, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,29 +187,11 @@ class Ours:
 # -------------------------------------------------------------------------------------------- mmaction2
 def import_mmaction(threads: int) -> tuple[types.ModuleType | None, str]:
   """``(mmaction, '')`` when torch and mmaction2 import, torch limited to ``threads``; else ``(None, why)``."""
-  try:
+  mmaction, why = torch_reference.import_mmaction()
+  if mmaction is not None:
     import torch  # noqa: PLC0415  (optional)
-  except ImportError as e:
-    return None, f'torch: {e}'
-  # The 1.2.0 wheel lacks mmaction.models.localizers.drn (upstream packaging bug); DRN is unused here.
-  for name in ('mmaction.models.localizers.drn', 'mmaction.models.localizers.drn.drn'):
-    if name not in sys.modules:
-      module = types.ModuleType(name)
-      module.DRN = None
-      sys.modules[name] = module
-  try:
-    import mmaction  # noqa: PLC0415
-    import mmaction.utils.dependency  # noqa: PLC0415
-    # mmaction.models imports its multimodal (VindLU) models whenever transformers>=4.28 is installed, and they
-    # fail to import against newer transformers releases. STGCN++ needs neither: register placeholders.
-    mmaction.utils.dependency.WITH_MULTIMODAL = False
-    import mmaction.models  # noqa: F401, PLC0415
-    from mmaction.utils import register_all_modules  # noqa: PLC0415
-  except ImportError as e:
-    return None, f'mmaction2: {type(e).__name__}: {e}'
-  register_all_modules()
-  torch.set_num_threads(threads)
-  return mmaction, ''
+    torch.set_num_threads(threads)
+  return mmaction, why
 
 
 class MMAction2:

@@ -492,13 +492,13 @@ def _check(model: Recognizer, written: Path, sd: Mapping[str, np.ndarray], cfg: 
   exported = export_state_dict(model)
   param_diff = max(float(np.abs(exported[k].astype(np.float64) - sd[k].astype(np.float64)).max(initial=0.0))
                    for k in exported if k in sd)
-  reference = _torch_reference_logits(cfg, sd, x)
+  reference, why = _torch_reference_logits(cfg, sd, x)
   if reference is not None:
     name, ref = 'the PyTorch model (mmaction2)', reference
     tol = 1e-3
   else:
     reloaded, _ = ckpt_lib.load_model(written)
-    name, ref = 'the re-loaded checkpoint only (mmaction2 is not importable, so no PyTorch comparison)', \
+    name, ref = f'the re-loaded checkpoint only (no PyTorch comparison: {why})', \
         np.asarray(forward(nnx.state(reloaded), x))
     tol = 0.0
   diff = float(np.abs(ours - ref).max())
@@ -509,30 +509,23 @@ def _check(model: Recognizer, written: Path, sd: Mapping[str, np.ndarray], cfg: 
           'input_shape': list(x.shape)}
 
 
-def _torch_reference_logits(cfg: ModelConfig, sd: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | None:
-  """Logits of mmaction2's own RecognizerGCN with these weights, or None when torch/mmaction2 are absent or the
-  layout is not one mmaction2 knows by name."""
-  try:
-    import torch
-    from mmaction.registry import MODELS
-    from mmaction.utils import register_all_modules
-  except Exception:   # noqa: BLE001 (any import failure means: no reference available)
-    return None
-  if cfg.layout not in ('openpose', 'nturgb+d', 'coco'):   # the layouts mmaction2's Graph knows by name
-    return None
-  register_all_modules()
-  backbone = dict(type='STGCN', graph_cfg=dict(layout=cfg.layout, mode=cfg.graph_mode),
-                  in_channels=cfg.in_channels, base_channels=cfg.base_channels, ch_ratio=cfg.ch_ratio,
-                  num_stages=cfg.num_stages, inflate_stages=list(cfg.inflate_stages),
-                  down_stages=list(cfg.down_stages), data_bn_type=cfg.data_bn_type, num_person=cfg.num_person,
-                  gcn_adaptive=cfg.gcn_adaptive, gcn_with_res=cfg.gcn_with_res, gcn_conv_pos=cfg.gcn_conv_pos, tcn_type=cfg.tcn_type)
-  net = MODELS.build(dict(type='RecognizerGCN', backbone=backbone,
-                          cls_head=dict(type='GCNHead', num_classes=cfg.num_classes,
-                                        in_channels=cfg.stage_specs()[-1][1])))
-  net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+def _torch_reference_logits(cfg: ModelConfig, sd: Mapping[str, np.ndarray], x: np.ndarray
+                            ) -> tuple[np.ndarray | None, str]:
+  """``(logits, '')`` of mmaction2's own RecognizerGCN with these weights, or ``(None, why)`` when torch or
+  mmaction2 is not importable or the layout is not one mmaction2 knows by name."""
+  from stgcn_jax import torch_reference
+
+  if graph_lib.get_layout(cfg.layout).name not in torch_reference.MMACTION_LAYOUTS:
+    return None, f'mmaction2 does not know the layout {graph_lib.get_layout(cfg.layout).name!r}'
+  mmaction, why = torch_reference.import_mmaction()
+  if mmaction is None:
+    return None, why
+  import torch
+
+  net = torch_reference.mmaction_recognizer(cfg, sd)
   net.eval()
   with torch.no_grad():
-    return net.cls_head(net.backbone(torch.from_numpy(x))).numpy()
+    return net.cls_head(net.backbone(torch.from_numpy(x))).numpy(), ''
 
 
 __all__ = ['StateDictError', 'ConvertError', 'ConvertResult', 'normalize_keys', 'torch_key', 'load_state_dict',
