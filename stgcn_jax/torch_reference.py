@@ -39,8 +39,9 @@ def import_mmaction() -> tuple[types.ModuleType | None, str]:
     return None, 'torch is not installed'
   if not _installed('mmaction'):
     return None, 'mmaction2 is not installed'
-  package = sys.modules['mmaction'].__file__ if 'mmaction' in sys.modules else importlib.util.find_spec('mmaction').origin
-  if package and not (Path(package).parent / 'models' / 'localizers' / 'drn').is_dir():
+  module = sys.modules.get('mmaction')
+  init = module.__file__ if module is not None else importlib.util.find_spec('mmaction').origin
+  if init and not (Path(init).parent / 'models' / 'localizers' / 'drn').is_dir():
     for name in _DRN_MODULES:
       if name not in sys.modules:
         stand_in = types.ModuleType(name)
@@ -66,16 +67,16 @@ def _installed(name: str) -> bool:
 def mmaction_recognizer(cfg: ModelConfig, state_dict: Mapping[str, Any] | None = None) -> Any:
   """mmaction2's ``RecognizerGCN(STGCN, GCNHead)`` for ``cfg``, holding ``state_dict`` (numpy arrays or tensors,
   loaded strictly) when given; in train mode, as PyTorch builds it. ``ValueError`` for a layout mmaction2 does not
-  know by name; ``RuntimeError`` naming why when mmaction2 cannot be imported."""
-  mmaction, why = import_mmaction()
-  if mmaction is None:
-    raise RuntimeError(why)
-  import torch  # noqa: PLC0415
-  from mmaction.registry import MODELS  # noqa: PLC0415
-
+  know by name; ``ImportError`` naming why when mmaction2 cannot be used."""
   layout = graph_lib.get_layout(cfg.layout).name
   if layout not in MMACTION_LAYOUTS:
     raise ValueError(f'mmaction2 knows the layouts {MMACTION_LAYOUTS} by name, not {layout!r}')
+  mmaction, why = import_mmaction()
+  if mmaction is None:
+    raise ImportError(why)
+  import torch  # noqa: PLC0415
+  from mmaction.registry import MODELS  # noqa: PLC0415
+
   backbone = dict(type='STGCN', graph_cfg=dict(layout=layout, mode=cfg.graph_mode),
                   in_channels=cfg.in_channels, base_channels=cfg.base_channels, ch_ratio=cfg.ch_ratio,
                   num_stages=cfg.num_stages, inflate_stages=list(cfg.inflate_stages),
