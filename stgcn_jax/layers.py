@@ -149,6 +149,17 @@ def _normalize_batch_bwd(res, cotangents):
 _normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
+def channel_matmul(x: Array, w: Array) -> Array:
+  """``x (..., C_in) @ w (C_in, C_out)`` as one 2-D product over the flattened leading axes.
+
+  The same products as ``jnp.dot(x, w)``, but on XLA's CPU backend the weight gradient of a dot over a 4-D
+  ``x`` is compiled with a transposed copy of the output gradient (and its elementwise producer computed a
+  second time into that copy); from the 2-D form it is one product contracting the rows of both operands.
+  """
+  lead = x.shape[:-1]
+  return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+
+
 class Conv1x1(nnx.Module):
   """A 1×1 convolution (a matmul over channels) with bias, optional temporal stride."""
 
@@ -164,7 +175,7 @@ class Conv1x1(nnx.Module):
   def __call__(self, x: Array) -> Array:
     if self.stride > 1:
       x = x[:, ::self.stride]                                  # (B, T/s, V, C_in)
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+    return channel_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
 def temporal_taps(x: Array, kernel_size: int, *, stride: int, dilation: int, pad_value: float = 0.0) -> list[Array]:
@@ -201,7 +212,7 @@ class TemporalConv(nnx.Module):
     kt, c_in, c_out = self.kernel[...].shape
     xs = jnp.concatenate(taps, axis=-1).astype(self.dtype)     # (B, T_out, V, K_t·C_in), tap-major
     w = self.kernel[...].reshape(kt * c_in, c_out).astype(self.dtype)
-    return jnp.dot(xs, w) + self.bias[...].astype(self.dtype)
+    return channel_matmul(xs, w) + self.bias[...].astype(self.dtype)
 
 
 def max_pool_time(x: Array, *, stride: int) -> Array:
@@ -329,7 +340,7 @@ class UnitGCN(nnx.Module):
       kernel = self.conv.kernel[...].astype(self.dtype).reshape(c_in, k, self.c_out)
       kernel = kernel.transpose(1, 0, 2).reshape(k * c_in, self.c_out)              # rows k·C_in + c
       bias = jnp.einsum('kvw,kc->wc', a, self.conv.bias[...].astype(self.dtype).reshape(k, self.c_out))
-      y = jnp.dot(xa, kernel) + bias                           # bias (W, C_out): per target joint
+      y = channel_matmul(xa, kernel) + bias                    # bias (W, C_out): per target joint
     else:
       y = self.conv(xa)
     y = self.bn(y, train=train, groups=groups)
@@ -433,7 +444,7 @@ class MSTCN(nnx.Module):
       convs.append(self.branch_1x1)
     kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=1).astype(dtype)
     bias = jnp.concatenate([c.bias[...] for c in convs]).astype(dtype)
-    h = jnp.dot(x.astype(dtype), kernel) + bias                # (B, T, V, Σ widths)
+    h = channel_matmul(x.astype(dtype), kernel) + bias         # (B, T, V, Σ widths)
     bns = [branch.bn for branch in self.branches]
     widths = [bn.num_features for bn in bns]
     cat = lambda name: jnp.concatenate([getattr(bn, name)[...] for bn in bns])
