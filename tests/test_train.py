@@ -80,9 +80,9 @@ def test_one_and_eight_devices_give_the_same_run(ann_file, tmp_path):
   assert out8['val']['top1'] == pytest.approx(out1['val']['top1'])
   # The parameters, one step from a common state: the 1-device run resumed for step 21 on 1 and on 8 devices.
   # Each step agrees to rounding (the per-device sums of the gradients and BN statistics are added in another
-  # order); over 20 steps a rounding difference can tip a discrete choice (a ReLU, a max-pool) and move the two
-  # runs apart by 1e-5, as it does with write_random_annotations(seed=4), so the 20-step parameters are not
-  # compared. One step from a common state agrees to 0.3% of this tolerance.
+  # order), but a 20-step trajectory can amplify that: with write_random_annotations(seed=4) the two runs end
+  # 5e-5 apart, and we saw such a difference grow 100-fold within one step (a discrete choice tipping, a ReLU's
+  # or a max-pool's). One step from a common state agrees to 0.3% of this tolerance.
   later = tiny_config(ann_file, num_epochs=7, max_steps=21, run_test=False)
   for n in (1, 8):
     shutil.copytree(tmp_path / 'one', tmp_path / f'resumed_on_{n}')
