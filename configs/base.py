@@ -12,9 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # The network (stgcn_jax.model.ModelConfig); the defaults are STGCN++.
+  # The network (stgcn_jax.model.ModelConfig); the defaults are STGCN++. ``layout`` is a built-in name or a
+  # user-defined skeleton, dict(num_node=..., inward=[(child, parent), ...], center=...) (README, "Custom
+  # datasets and skeleton layouts"): a field of either type.
   config.model = ml_collections.ConfigDict(dict(
-      num_classes=60, layout='coco', graph_mode='spatial', in_channels=3, base_channels=64, ch_ratio=2.0,
+      num_classes=60, layout=ml_collections.FieldReference('coco', field_type=object), graph_mode='spatial', in_channels=3, base_channels=64, ch_ratio=2.0,
       num_stages=10, inflate_stages=(5, 8), down_stages=(5, 8), num_person=2, data_bn_type='VC',
       gcn_adaptive='init', gcn_with_res=True, gcn_conv_pos='pre', tcn_type='mstcn', tcn_dropout=0.0,
       head_dropout=0.0))

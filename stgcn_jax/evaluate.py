@@ -81,13 +81,14 @@ class EvalResult:
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.ConfigDict, *, split: str | None = None,
-                        num_clips: int | None = None, step: int | None = None, mesh: Mesh | None = None
-                        ) -> EvalResult:
+                        num_clips: int | None = None, step: int | None = None, mesh: Mesh | None = None,
+                        for_dump: bool = False) -> EvalResult:
   """The test protocol for a training or converted checkpoint on the data that ``config.data`` names.
 
   The model (architecture, layout, classes) comes from the checkpoint; ``config.data`` gives the annotation
   file, the modality ``feat``, ``clip_len`` and the defaults for ``split`` (``test_split``) and ``num_clips``
-  (``test_clips``).
+  (``test_clips``). ``for_dump``: the scores will be written as a results file, so a split that names a
+  ``frame_dir`` twice is refused before the evaluation starts.
   """
   model, meta = ckpt_lib.load_model(checkpoint, step)
   feat = config.data.feat
@@ -98,6 +99,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   dataset = annotations.load_annotations(config.data.ann_file, split=split or config.data.test_split,
                                          layout=cfg.layout, num_classes=cfg.num_classes,
                                          cache_dir=config.data.cache_dir or None)
+  if for_dump:
+    dataset.check_unique_frame_dirs()
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   graphdef, params, stats = steps.split_model(model)
   params, stats = sharding_lib.replicate((params, stats), mesh)

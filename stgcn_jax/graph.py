@@ -28,6 +28,12 @@ class Layout:
 
   ``bones`` optionally overrides the bone pairs ``(v1, v2)`` (``bone[v1] = x[v1] - x[v2]``); by default each
   inward edge gives ``(child, parent)`` and the centre gives ``(center, center)``.
+
+  ``zaxis`` and ``xaxis`` are the joints 3D pre-normalisation (mmaction2's ``PreNormalize3D``) aligns, from the
+  first frame: ``x[zaxis[1]] - x[zaxis[0]]`` (bottom to top of the spine) turned to +z, then
+  ``x[xaxis[0]] - x[xaxis[1]]`` (left to right shoulder) to +x. ``None`` is mmaction2's default, ``(0, 1)``
+  and ``(8, 4)`` (NTU RGB+D's hip, spine and shoulders); ``()`` skips that rotation (``align_spine=False`` /
+  ``align_shoulder=False``). 2D data does not use them.
   """
 
   name: str
@@ -35,6 +41,8 @@ class Layout:
   inward: tuple[Edge, ...]
   center: int
   bones: tuple[Edge, ...] | None = None
+  zaxis: Edge | tuple[()] | None = None
+  xaxis: Edge | tuple[()] | None = None
 
   def __post_init__(self):
     _validate(self)
@@ -54,6 +62,23 @@ class Layout:
       raise ValueError(f'skeleton layout {self.name!r}: the inward edges do not form a tree rooted at the '
                        f'centre {self.center}, so bone pairs cannot be derived; give bones=[(v1, v2), ...]')
     return tuple(sorted(pairs.items()))
+
+  def align_3d(self) -> tuple[Edge | tuple[()], Edge | tuple[()]]:
+    """``(zaxis, xaxis)`` of 3D pre-normalisation with the defaults filled in; ``ValueError`` when a default
+    names joints this layout does not have."""
+    axes = []
+    for key, default in DEFAULT_ALIGN_3D.items():
+      axis = getattr(self, key)
+      if axis is None and max(default) >= self.num_node:
+        raise ValueError(f'skeleton layout {self.name!r}: 3D pre-normalisation aligns joints {key}={default} by '
+                         f"default (NTU RGB+D's), but the layout has {self.num_node} joints; give the layout "
+                         f'{key}=(joint, joint) for this skeleton, or {key}=() to skip that rotation')
+      axes.append(default if axis is None else axis)
+    return axes[0], axes[1]
+
+
+# mmaction2 PreNormalize3D's defaults: NTU RGB+D's hip -> spine, and right -> left shoulder.
+DEFAULT_ALIGN_3D = {'zaxis': (0, 1), 'xaxis': (8, 4)}
 
 
 def _validate(layout: Layout) -> None:
@@ -90,6 +115,12 @@ def _validate(layout: Layout) -> None:
   if missing:
     raise ValueError(f'{where}: joints {missing} are not connected to the centre joint {layout.center}; '
                      'add edges that link them to the skeleton')
+  for key in ('zaxis', 'xaxis'):
+    axis = getattr(layout, key)
+    if axis is not None and axis != () and (len(axis) != 2 or axis[0] == axis[1]
+                                            or not all(0 <= j < v for j in axis)):
+      raise ValueError(f'{where}: {key}={axis!r} must be two different joints in 0..{v - 1}, () to skip that '
+                       '3D rotation, or None for the default')
   if layout.bones is not None:
     firsts = sorted(b[0] for b in layout.bones)
     if firsts != list(range(v)) or any(not 0 <= b[1] < v for b in layout.bones):
@@ -142,15 +173,16 @@ def get_layout(layout: str | Layout | Mapping) -> Layout:
                        'layout given as dict(num_node=..., inward=[(child, parent), ...], center=...)')
     return LAYOUTS[layout]
   if isinstance(layout, Mapping):
-    unknown = set(layout) - {'name', 'num_node', 'inward', 'center', 'bones'}
+    unknown = set(layout) - {'name', 'num_node', 'inward', 'center', 'bones', 'zaxis', 'xaxis'}
     missing = {'num_node', 'inward', 'center'} - set(layout)
     if unknown or missing:
-      raise ValueError(f'a user-defined layout needs keys num_node, inward, center (optional name, bones); '
-                       f'missing {sorted(missing)}, unknown {sorted(unknown)}')
+      raise ValueError(f'a user-defined layout needs keys num_node, inward, center (optional name, bones, zaxis, '
+                       f'xaxis); missing {sorted(missing)}, unknown {sorted(unknown)}')
     bones = layout.get('bones')
+    axes = {k: None if layout.get(k) is None else tuple(int(j) for j in layout[k]) for k in ('zaxis', 'xaxis')}
     return Layout(name=str(layout.get('name', 'custom')), num_node=int(layout['num_node']),
                   inward=tuple((int(i), int(j)) for i, j in layout['inward']), center=int(layout['center']),
-                  bones=None if bones is None else tuple((int(i), int(j)) for i, j in bones))
+                  bones=None if bones is None else tuple((int(i), int(j)) for i, j in bones), **axes)
   raise TypeError(f'layout must be a name, a Layout or a mapping, got {type(layout).__name__}')
 
 

@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     try:
       config = config_for(FLAGS.checkpoint, FLAGS.config)
       result = eval_lib.evaluate_checkpoint(FLAGS.checkpoint, config, split=FLAGS.split, num_clips=FLAGS.num_clips,
-                                            step=FLAGS.step)
-    except (ValueError, FileNotFoundError) as e:
+                                            step=FLAGS.step, for_dump=bool(FLAGS.dump))
+    except (ValueError, OSError) as e:   # OSError: a missing or unreadable checkpoint / annotation file
       return cli.fail(e)
     if jax.process_index() != 0:
       return 0

@@ -48,6 +48,7 @@ from stgcn_jax import steps
 from stgcn_jax.data import annotations
 from stgcn_jax.data import pipeline
 from stgcn_jax.data.transforms import FEATS
+from stgcn_jax.graph import get_layout
 from stgcn_jax.model import ModelConfig, build_model
 
 logger = logging.getLogger('stgcn_jax.train')
@@ -118,7 +119,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.bn_group_size={config.bn_group_size} must be >= 0 (0: global statistics)')
   if config.optim.base_lr <= 0:
     raise ConfigError(f'config.optim.base_lr={config.optim.base_lr} must be positive')
-  model_config(config)
+  mcfg = model_config(config)
+  if data.feat in ('b', 'bm'):
+    try:
+      get_layout(mcfg.layout).bone_pairs
+    except ValueError as e:
+      raise ConfigError(f'config.data.feat={data.feat!r} needs bones: {e}') from e
   if not data.demo and not Path(data.ann_file).expanduser().is_file():
     raise ConfigError(f'annotation file {data.ann_file!r} (config.data.ann_file) does not exist; download the '
                       'skeleton pickle (see README, "Training on NTU60/120") or pass '
@@ -349,6 +355,15 @@ def load_data(config: ml_collections.ConfigDict, mcfg: ModelConfig, split: str):
     raise DataError(str(e) if str(ann) in str(e) else f'annotation file {ann!r}: {e}') from e
 
 
+def load_eval_data(config: ml_collections.ConfigDict, mcfg: ModelConfig, field: str):
+  """The split ``config.data.<field>`` (``val_split`` / ``test_split``); :class:`DataError` if it has no samples."""
+  ds = load_data(config, mcfg, config.data[field])
+  if not len(ds):
+    raise DataError(f'config.data.{field}={ds.split!r} of {ds.source} has no samples to evaluate ('
+                    f'{len(ds.skipped)} skipped as empty); name a split with samples')
+  return ds
+
+
 def _repair_metrics(path: Path, last_step: int) -> None:
   """Drops from ``metrics.jsonl`` what a killed run left behind: a partly written last line and the records
   of steps after ``last_step`` (the checkpoint the run resumes from), which the resumed run writes again."""
@@ -413,7 +428,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ConfigError(f'{e} (config.batch_size / config.eval_batch_size / config.bn_group_size)') from e
 
   train_ds = load_data(config, mcfg, config.data.train_split)
-  val_ds = load_data(config, mcfg, config.data.val_split)
+  if not train_ds.is_2d:
+    try:
+      get_layout(mcfg.layout).align_3d()
+    except ValueError as e:
+      raise ConfigError(f'config.model.layout for the 3D data of {train_ds.source}: {e}') from e
+  val_ds = load_eval_data(config, mcfg, 'val_split')
+  test_ds = None
+  if config.run_test:   # checked now, not after training: the split must exist, and name each sample once
+    test_ds = val_ds if config.data.test_split == config.data.val_split else load_eval_data(config, mcfg, 'test_split')
+    try:
+      test_ds.check_unique_frame_dirs()
+    except ValueError as e:
+      raise DataError(f'config.data.test_split: {e}') from e
   try:
     steps_per_epoch = pipeline.steps_per_epoch(len(train_ds), config.data.train_repeat, config.batch_size)
   except ValueError as e:
@@ -564,8 +591,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   bar.close()
 
   if config.run_test and step == total_steps:
-    test_ds = val_ds if config.data.test_split == config.data.val_split else load_data(config, mcfg,
-                                                                                       config.data.test_split)
     scores, test = evaluate(test_ds, config.data.test_clips)
     results['test'] = test
     writer.write(step, {f'test_{k}': v for k, v in test.items()})

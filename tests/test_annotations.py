@@ -199,6 +199,14 @@ def test_total_frames_inconsistent(tmp_path):
   assert "annotation 0 ('s0')" in message and 'total_frames is 7 but keypoint has T=4' in message
 
 
+def test_total_frames_as_numpy_scalars_and_arrays(tmp_path):
+  ok = [_sample('s0', total_frames=np.int64(4)), _sample('s1', total_frames=np.array([4])),
+        _sample('s2', total_frames=4.0)]
+  assert load_annotations(_write(tmp_path / 'a.pkl', ok), 'train').total_frames.tolist() == [4, 4, 4]
+  message = _error(_write(tmp_path / 'b.pkl', [_sample('s0'), _sample('s1', total_frames=np.array([4, 4]))]))
+  assert "annotation 1 ('s1'): total_frames is array([4, 4]) but keypoint has T=4" in message
+
+
 def test_keypoint_score_shape(tmp_path):
   bad = _sample('s0')
   bad['keypoint_score'] = bad['keypoint_score'][:, :3]
@@ -226,6 +234,33 @@ def test_nan_or_inf(tmp_path, where):
   assert f"annotation 0 ('s0'): {where} has {count} NaN/Inf" in message
   if where == 'keypoint':
     assert '(1, 2, 3, 0)' in message
+
+
+@pytest.mark.parametrize('where', ['keypoint', 'keypoint_score'])
+def test_float64_values_beyond_float32_are_refused(tmp_path, where):
+  bad = _sample('s1')
+  bad[where] = bad[where].astype(np.float64)
+  bad[where][0, 1, 2, ...] = -1e39                        # finite in float64, infinite once stored as float32
+  good = _sample('s0')
+  good[where] = good[where].astype(np.float64)
+  message = _error(_write(tmp_path / 'a.pkl', [good, bad]))
+  assert f"annotation 1 ('s1'): {where} has values up to 1e+39 in magnitude, beyond float32" in message
+
+
+def test_a_directory_is_not_an_annotation_file(tmp_path):
+  with pytest.raises(IsADirectoryError, match=f"{tmp_path}' is a directory; give the path of the .pkl"):
+    load_annotations(tmp_path, 'train')
+
+
+def test_repeated_frame_dirs_load_but_are_refused_for_results(tmp_path):
+  path = _write(tmp_path / 'a.pkl', [_sample('a'), _sample('v', seed=1), _sample('b'), _sample('v', seed=2)],
+                split={'train': ['a', 'v'], 'val': ['b', 'a']})
+  train = load_annotations(path, 'train')
+  assert train.frame_dirs.tolist() == ['a', 'v', 'v']   # every annotation the split names, as mmaction2
+  with pytest.raises(ValueError, match=r"split 'train' has 1 repeated frame_dir\(s\): 'v' names annotations "
+                     r"\[1, 3\]\. Results files identify samples by frame_dir"):
+    train.check_unique_frame_dirs()
+  load_annotations(path, 'val').check_unique_frame_dirs()   # a split without the repeated name
 
 
 def test_bad_img_shape(tmp_path):

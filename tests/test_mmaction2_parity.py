@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from stgcn_jax import convert, steps, torch_reference
+from stgcn_jax import graph as graph_lib
 from stgcn_jax.data import transforms as T
 from stgcn_jax.model import ModelConfig
 
@@ -205,3 +206,34 @@ def test_pipeline_matches_genuine_mmaction2_on_random_samples(is_2d, monkeypatch
     assert ours.dtype == np.float32 and ours.shape == want.shape, (i, ours.shape, want.shape)
     assert np.array_equal(ours, want), (f'sample {i}: T={sample["total_frames"]}, M={len(sample["keypoint"])}, '
                                         f'{feat}, test_mode={test_mode}: max |diff| {np.abs(ours - want).max()}')
+
+
+@pytest.mark.parametrize('v,zaxis,xaxis', [(25, (), (8, 4)), (25, (3, 2), ()), (25, (), ()), (7, (0, 2), (6, 5))])
+def test_3d_alignment_joints_of_a_layout_match_mmaction2(v, zaxis, xaxis, monkeypatch):
+  """A layout's ``zaxis`` / ``xaxis`` do what PreNormalize3D's arguments do (``()``: align_spine /
+  align_shoulder=False). The 25-joint layouts keep NTU's bones, so every feature is compared; the 7-joint one
+  has no bones mmaction2 knows, so joint features only."""
+  from mmaction.datasets import transforms as mt
+  from mmaction.datasets.transforms import pose_transforms
+
+  monkeypatch.setattr(pose_transforms, 'np', _NumpyWithPlainDots())
+  if v == 25:
+    ntu = graph_lib.LAYOUTS['nturgb+d']
+    layout = dict(num_node=25, inward=ntu.inward, center=ntu.center, bones=ntu.bones, zaxis=zaxis, xaxis=xaxis)
+  else:
+    layout = dict(num_node=7, inward=[(i, i - 1) for i in range(1, 7)], center=0, zaxis=zaxis, xaxis=xaxis)
+  feats = T.FEATS if v == 25 else ('j', 'jm')
+  prenorm = mt.PreNormalize3D(zaxis=list(zaxis or (0, 1)), xaxis=list(xaxis or (8, 4)), align_spine=bool(zaxis),
+                              align_shoulder=bool(xaxis))
+  rng = np.random.default_rng(v + len(zaxis) + 2 * len(xaxis))
+  for i in range(30):
+    sample = _random_sample(rng, False, i)
+    sample['keypoint'] = sample['keypoint'][:2, :, :v]
+    feat = str(rng.choice(feats))
+    reference = dict(sample, keypoint=sample['keypoint'].copy(), start_index=0, modality='Pose')
+    for step in (prenorm, mt.GenSkeFeat(dataset='nturgb+d', feats=[feat]),
+                 mt.UniformSampleFrames(clip_len=100, num_clips=10, test_mode=True), mt.PoseDecode(),
+                 mt.FormatGCNInput(num_person=2)):
+      reference = step(reference)
+    ours = T.process_sample(sample, layout=layout, feat=feat, clip_len=100, num_clips=10, test_mode=True)
+    assert np.array_equal(ours, reference['keypoint']), (i, feat, np.abs(ours - reference['keypoint']).max())

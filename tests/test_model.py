@@ -4,6 +4,7 @@ Tolerances are those of fixtures/mmaction2/README.md §6 (about 10-20× the floa
 reference itself).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -74,6 +75,9 @@ def test_graph_normalisation_and_stgcn_spatial():
     (dict(num_node=3, inward=[(1, 0), (0, 1), (2, 0)], center=0), 'duplicate edge'),
     (dict(num_node=4, inward=[(1, 0), (2, 0)], center=0), r'joints \[3\] are not connected'),
     (dict(num_node=3, inward=[(1, 1), (2, 0)], center=0), 'self loop'),
+    (dict(num_node=3, inward=[(1, 0), (2, 0)], center=0, zaxis=(0, 3)), r'zaxis=\(0, 3\) must be two different'),
+    (dict(num_node=3, inward=[(1, 0), (2, 0)], center=0, xaxis=(1, 1)), r'xaxis=\(1, 1\) must be two different'),
+    (dict(num_node=3, inward=[(1, 0), (2, 0)], center=0, spine=(0, 1)), r"unknown \['spine'\]"),
     ('kinect', 'unknown skeleton layout'),
 ])
 def test_graph_invalid_layouts(bad, match):
@@ -87,6 +91,18 @@ def test_bone_pairs():
   assert graph.LAYOUTS['handmp'].bone_pairs[:3] == ((0, 0), (1, 0), (2, 1))
   custom = graph.get_layout(dict(num_node=3, inward=[(1, 0), (2, 1)], center=0))
   assert custom.bone_pairs == ((0, 0), (1, 0), (2, 1))
+
+
+def test_3d_alignment_joints():
+  assert graph.LAYOUTS['nturgb+d'].align_3d() == ((0, 1), (8, 4))           # mmaction2's defaults
+  small = dict(num_node=5, inward=[(1, 0), (2, 1), (3, 2), (4, 3)], center=0)
+  with pytest.raises(ValueError, match=r"layout 'custom': .* xaxis=\(8, 4\) by default .* has 5 joints.*"
+                     r'xaxis=\(\) to skip that rotation'):
+    graph.get_layout(dict(small, zaxis=[0, 2])).align_3d()
+  with pytest.raises(ValueError, match=r"layout 'dot': .* zaxis=\(0, 1\) by default .* has 1 joints"):
+    graph.get_layout(dict(name='dot', num_node=1, inward=[], center=0, xaxis=())).align_3d()
+  layout = graph.get_layout(dict(small, zaxis=[0, 2], xaxis=[]))
+  assert layout.align_3d() == ((0, 2), ()) and layout == graph.get_layout(dataclasses.asdict(layout))
 
 
 # ---------------------------------------------------------------------------------------- structure

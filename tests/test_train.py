@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -127,6 +128,61 @@ def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
   with pytest.raises(train.ConfigError, match=r"feat='x'"):
     train.train_and_evaluate(tiny_config(ann_file, **{'data.feat': 'x'}), tmp_path / 'd')
   assert not (tmp_path / 'a' / 'checkpoints').exists()
+
+
+def _write_custom_skeleton_file(path: Path, num_node: int, dim: str = '2d') -> Path:
+  rng = np.random.default_rng(0)
+  anns = [{'frame_dir': f's{i}', 'label': i % 2, 'img_shape': (480, 640),
+           'keypoint': rng.uniform(0, 400, (1, 20, num_node, 2 if dim == '2d' else 3)).astype(np.float32)}
+          for i in range(12)]
+  if dim == '2d':
+    for a in anns:
+      a['keypoint_score'] = rng.uniform(0.5, 1, a['keypoint'].shape[:-1]).astype(np.float32)
+  split = {'train': [f's{i}' for i in range(8)], 'val': ['s8', 's9'], 'test': ['s10', 's11', 's10'],
+           'empty': []}
+  path.write_bytes(pickle.dumps({'split': split, 'annotations': anns + [dict(anns[10], label=0)]}))
+  return path
+
+
+def test_custom_layout_given_in_the_config(tmp_path):
+  # A user-defined skeleton (README, "Custom datasets and skeleton layouts") whose edges form a cycle: joint
+  # features need no bones, so it trains; bone features are refused before anything is compiled.
+  path = _write_custom_skeleton_file(tmp_path / 'ring.pkl', 5)
+  config = tiny_config(path, num_epochs=1, run_test=False, batch_size=8, bn_group_size=0,
+                       **{'model.num_classes': 2, 'data.train_split': 'train', 'data.val_split': 'val'})
+  config.model.layout = dict(num_node=5, inward=[(1, 0), (2, 1), (3, 2), (4, 3), (0, 4)], center=0)
+  out = train.train_and_evaluate(config, tmp_path / 'j')
+  assert out['step'] == 1 and np.isfinite(_losses(tmp_path / 'j')[0][1])
+  model, meta = ckpt_lib.load_model(tmp_path / 'j' / 'checkpoints')
+  assert model.config.layout.num_node == 5 and model.config.layout.inward[-1] == (0, 4)
+  config.data.feat = 'bm'
+  with pytest.raises(train.ConfigError, match=r"feat='bm' needs bones: .*do not form a tree.*bones="):
+    train.train_and_evaluate(config, tmp_path / 'bm')
+  assert not (tmp_path / 'bm').exists() or not (tmp_path / 'bm' / 'checkpoints').exists()
+
+
+def test_3d_custom_layout_needs_its_alignment_joints(tmp_path):
+  path = _write_custom_skeleton_file(tmp_path / 'a3d.pkl', 5, dim='3d')
+  config = tiny_config(path, num_epochs=1, run_test=False, batch_size=8, bn_group_size=0,
+                       **{'model.num_classes': 2, 'data.train_split': 'train', 'data.val_split': 'val'})
+  config.model.layout = dict(num_node=5, inward=[(1, 0), (2, 1), (3, 2), (4, 3)], center=0)
+  with pytest.raises(train.ConfigError, match=r'3D data of .*a3d.pkl: .*xaxis=\(8, 4\) by default.*xaxis=\(\)'):
+    train.train_and_evaluate(config, tmp_path / 'w')
+  config.model.layout = dict(config.model.layout, zaxis=(0, 1), xaxis=())
+  assert train.train_and_evaluate(config, tmp_path / 'w')['step'] == 1
+
+
+def test_evaluation_splits_are_checked_before_training(tmp_path):
+  path = _write_custom_skeleton_file(tmp_path / 'a.pkl', 17)
+  kw = {'model.num_classes': 2, 'data.train_split': 'train', 'data.val_split': 'val'}
+  cases = [({'data.val_split': 'empty'}, r"config.data.val_split='empty' of .*a.pkl has no samples"),
+           ({'data.test_split': 'tset'}, r"unknown split 'tset'"),
+           ({'data.test_split': 'test'}, r"config.data.test_split: .*split 'test' has 1 repeated frame_dir\(s\): "
+                                         r"'s10' names annotations \[10, 12\]")]
+  for i, (override, message) in enumerate(cases):
+    with pytest.raises(train.DataError, match=message):
+      train.train_and_evaluate(tiny_config(path, **{**kw, **override}), tmp_path / str(i))
+    assert not (tmp_path / str(i) / 'checkpoints').exists()
 
 
 def test_cli_rejects_unknown_config_field(tmp_path):

@@ -64,6 +64,8 @@ from stgcn_jax.safe_pickle import load_pickle
 
 __all__ = ['SkeletonDataset', 'load_annotations', 'annotation_fingerprint', 'CACHE_VERSION']
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -160,6 +162,23 @@ class SkeletonDataset:
     start = int(self._rows[i])
     return self.keypoints[start:start + m * t].reshape(m, t, self.layout.num_node, 3)
 
+  def check_unique_frame_dirs(self) -> None:
+    """Raises ValueError when the split names a ``frame_dir`` more than once.
+
+    Training takes such a split as it is (the sample counts twice, as in mmaction2), but a results dump
+    identifies each sample by its ``frame_dir`` (:mod:`stgcn_jax.results`), so an evaluation that writes one
+    checks this before it starts.
+    """
+    names, first = np.unique(self.frame_dirs, return_index=True)
+    if len(names) == len(self):
+      return
+    repeated = np.setdiff1d(np.arange(len(self)), first)[0]
+    name = str(self.frame_dirs[repeated])
+    where = [int(self.file_indices[j]) for j in np.flatnonzero(self.frame_dirs == name)]
+    raise _fail(self.source, None, None, f'split {self.split!r} has {len(self) - len(names)} repeated frame_dir(s): '
+                f'{name!r} names annotations {where}. Results files identify samples by frame_dir; give each '
+                'sample of an evaluated split its own frame_dir')
+
   def __getitem__(self, i: int) -> dict[str, Any]:
     i = self._check_index(i)
     x = np.array(self.packed(i))                                       # a private, writable copy
@@ -223,6 +242,19 @@ def _as_label(value: Any) -> int | None:
   return None
 
 
+def _as_count(value: Any) -> int | None:
+  """An integer-valued scalar (Python or numpy, int or whole float) as an int; anything else None."""
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, np.ndarray) and value.shape in ((), (1,)):
+    value = value.reshape(())[()]
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real) and float(value).is_integer():
+    return int(value)
+  return None
+
+
 def _as_img_shape(value: Any) -> tuple[int, int] | None:
   try:
     h, w = (int(v) for v in value)
@@ -268,7 +300,7 @@ def _validate_sample(source: str, i: int, a: Any) -> tuple[np.ndarray, np.ndarra
   elif c != 3:
     raise _fail(source, i, frame_dir, f'keypoint has C={c} channels and no keypoint_score; expected 3D (x, y, z) '
                 'keypoints (C=3), or 2D (x, y) keypoints (C=2) with keypoint_score (M, T, V)')
-  if 'total_frames' in a and a['total_frames'] != t:
+  if 'total_frames' in a and _as_count(a['total_frames']) != t:
     raise _fail(source, i, frame_dir, f'total_frames is {a["total_frames"]!r} but keypoint has T={t} frames '
                 f'(shape {kp.shape}); fix total_frames to {t} (or drop it, it is derived from keypoint)')
   img_shape = None
@@ -284,6 +316,10 @@ def _validate_sample(source: str, i: int, a: Any) -> tuple[np.ndarray, np.ndarra
   if score is not None and not np.isfinite(score).all():
     raise _fail(source, i, frame_dir, f'keypoint_score has {np.count_nonzero(~np.isfinite(score))} NaN/Inf '
                 'value(s); store missing joints with score 0')
+  for name, arr in (('keypoint', kp), ('keypoint_score', score)):
+    if arr is not None and arr.dtype.itemsize > 4 and arr.size and np.abs(arr).max() > _FLOAT32_MAX:
+      raise _fail(source, i, frame_dir, f'{name} has values up to {np.abs(arr).max():.3g} in magnitude, beyond '
+                  'float32 (the dtype the data is stored and computed in); rescale the coordinates')
   return kp, score, label, img_shape
 
 
@@ -443,6 +479,9 @@ def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
     FileNotFoundError, ValueError (see the module docstring for every check), UnsafePickleError.
   """
   source = Path(path).expanduser().absolute()
+  if source.is_dir():
+    raise IsADirectoryError(f'annotation file {str(source)!r} is a directory; give the path of the .pkl file in '
+                            'it (ann_file in the config)')
   if not source.is_file():
     raise FileNotFoundError(f'annotation file {str(source)!r} does not exist; check the path (ann_file in the '
                             'config)')

@@ -82,6 +82,11 @@ def _check_common(dataset: SkeletonDataset, feat: str, layout: Any, num_workers:
   if feat not in transforms.FEATS:
     raise ValueError(f'unknown feature {feat!r}; use one of {transforms.FEATS}')
   layout = get_layout(layout)
+  # Layouts that cannot serve this data raise here, before any batch is read.
+  if feat in ('b', 'bm'):
+    layout.bone_pairs
+  if not dataset.is_2d:
+    layout.align_3d()
   if layout.num_node != dataset.layout.num_node:
     raise ValueError(f'layout {layout.name!r} has {layout.num_node} joints but the dataset {dataset.source} '
                      f'was loaded with {dataset.layout.name!r} ({dataset.layout.num_node} joints); use the same '

@@ -177,8 +177,8 @@ class _Prenorm3DPlan(NamedTuple):
   frames: np.ndarray        # int (T',): original frame index of each kept frame
   swap: bool                # persons 0 and 1 swapped (person 1 is the main person)
   body_center: np.ndarray   # float32 (3,)
-  rot_z: np.ndarray         # float64 (3, 3), applied first
-  rot_x: np.ndarray         # float64 (3, 3)
+  rot_z: np.ndarray | None  # float64 (3, 3), applied first; None: no spine alignment (zaxis=())
+  rot_x: np.ndarray | None  # float64 (3, 3); None: no shoulder alignment (xaxis=())
 
 
 def _plan_pre_normalize_3d(sk: np.ndarray, zaxis: Sequence[int], xaxis: Sequence[int]) -> _Prenorm3DPlan | None:
@@ -195,8 +195,10 @@ def _plan_pre_normalize_3d(sk: np.ndarray, zaxis: Sequence[int], xaxis: Sequence
   num_joints = sk.shape[2]
   body_center = first[0, 0, 1 if num_joints == 25 else num_joints - 1].copy()
   first = _center_and_mask(first, body_center)
-  rot_z = _alignment(first[0, 0], zaxis, (0, 0, 1))
-  rot_x = _alignment(_rotate(first[:1], rot_z)[0, 0], (xaxis[1], xaxis[0]), (1, 0, 0))
+  rot_z = _alignment(first[0, 0], zaxis, (0, 0, 1)) if zaxis else None
+  if rot_z is not None:
+    first = _rotate(first[:1], rot_z)
+  rot_x = _alignment(first[0, 0], (xaxis[1], xaxis[0]), (1, 0, 0)) if xaxis else None
   return _Prenorm3DPlan(frames, swap, body_center, rot_z, rot_x)
 
 
@@ -209,17 +211,20 @@ def _apply_pre_normalize_3d(sk: np.ndarray, plan: _Prenorm3DPlan, kept: np.ndarr
   frames = plan.frames[kept]
   x = sk[::-1, frames] if plan.swap else sk[:, frames]                     # (M, T', V, 3)
   x = _center_and_mask(x, plan.body_center)
-  return _rotate(_rotate(x, plan.rot_z), plan.rot_x)
+  for rot in (plan.rot_z, plan.rot_x):
+    if rot is not None:
+      x = _rotate(x, rot)
+  return x
 
 
 def _check_3d(sk: np.ndarray, zaxis: Sequence[int], xaxis: Sequence[int]) -> None:
   if sk.ndim != 4 or sk.shape[-1] != 3:
     raise ValueError(f'pre_normalize_3d: keypoint has shape {sk.shape}, expected (M, T, V, 3)')
-  needed = max(*zaxis, *xaxis)
+  needed = max((*zaxis, *xaxis), default=-1)
   if sk.shape[2] <= needed:
     raise ValueError(f'pre_normalize_3d: the alignment joints zaxis={tuple(zaxis)}, xaxis={tuple(xaxis)} need '
                      f'at least {needed + 1} joints, the keypoints have V={sk.shape[2]}; pass zaxis/xaxis for '
-                     'this layout')
+                     'this skeleton (or () to skip that rotation)')
 
 
 def pre_normalize_3d(keypoint: np.ndarray, zaxis: Sequence[int] = (0, 1), xaxis: Sequence[int] = (8, 4)
@@ -232,15 +237,16 @@ def pre_normalize_3d(keypoint: np.ndarray, zaxis: Sequence[int] = (0, 1), xaxis:
   2. Subtract joint 1 of frame 0 of the main person (the last joint for layouts that are not 25-joint NTU);
      joints that are exactly zero stay zero.
   3. Rotate so that ``joint[zaxis[1]] - joint[zaxis[0]]`` lies along +z, then so that
-     ``joint[xaxis[0]] - joint[xaxis[1]]`` lies along +x (both from frame 0 of the main person).
+     ``joint[xaxis[0]] - joint[xaxis[1]]`` lies along +x (both from frame 0 of the main person). An empty
+     ``zaxis`` / ``xaxis`` skips that rotation (mmaction2's ``align_spine`` / ``align_shoulder=False``).
 
   Args:
     keypoint: ``(M, T, V, 3)``. mmaction2 accepts M in {1, 2}; for M > 2 only the first two persons are
       kept (the ones ``FormatGCNInput`` keeps anyway).
 
   Returns:
-    ``(keypoint, body_center)``: float64 ``(M, T', V, 3)`` and the float32 ``(3,)`` centre that was
-    subtracted. An all-zero input is returned unchanged (its own dtype, all frames) with ``body_center``
+    ``(keypoint, body_center)``: float64 ``(M, T', V, 3)`` (float32 when both rotations are skipped) and
+    the float32 ``(3,)`` centre that was subtracted. An all-zero input is returned unchanged (its own dtype, all frames) with ``body_center``
     ``None``, as in the reference; so is an input in which the main person is never present (mmaction2
     raises on it).
   """
@@ -467,15 +473,16 @@ def process_keypoints(keypoint: np.ndarray, *, is_2d: bool, layout: str | Layout
   if kp.ndim != 4 or kp.shape[2] != layout.num_node or kp.shape[3] != 3:
     raise ValueError(f'keypoint has shape {kp.shape}, expected (M, T, {layout.num_node}, 3) for layout '
                      f'{layout.name!r} ({"x, y, score" if is_2d else "x, y, z"})')
-  parents = _bone_parents_cached(layout)
+  parents = _bone_parents_cached(layout) if ('b' in feats or 'bm' in feats) else None
   if is_2d:
     x = kp[:num_person]
     num_frames = x.shape[1]
     normalize = lambda frames: _pre_normalize_2d_packed(x[:, frames], img_shape)
   else:
-    _check_3d(kp, (0, 1), (8, 4))
+    zaxis, xaxis = layout.align_3d()
+    _check_3d(kp, zaxis, xaxis)
     x = kp[:2]
-    plan = _plan_pre_normalize_3d(x, (0, 1), (8, 4))
+    plan = _plan_pre_normalize_3d(x, zaxis, xaxis)
     if plan is None:
       num_frames = x.shape[1]
       normalize = lambda frames: x[:, frames]
