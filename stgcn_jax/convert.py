@@ -228,10 +228,8 @@ def infer_config(state_dict: Mapping[str, Any], *, layout: str | Mapping | None 
     down = meta_down
   ratio = specs[inflate[0] - first_stage][1] / base if inflate else 2.0
 
-  has_pa = 'backbone.gcn.0.gcn.PA' in sd
-  if has_pa:
-    # importance multiplies A by PA (initialised to 1), offset adds PA (initialised to ~0).
-    adaptive = 'importance' if float(np.mean(np.abs(sd['backbone.gcn.0.gcn.PA']))) > 0.5 else 'offset'
+  if 'backbone.gcn.0.gcn.PA' in sd:
+    adaptive = _importance_or_offset(sd, blocks, meta_cfg)
   else:
     adaptive = 'init'    # a fixed A (adaptive=None) stores the same tensors; forward is identical
   if 'backbone.gcn.0.tcn.branches.0.0.weight' in sd:
@@ -271,6 +269,25 @@ def infer_config(state_dict: Mapping[str, Any], *, layout: str | Mapping | None 
     raise StateDictError(f'unsupported architecture: block widths {found} cannot be produced by base_channels='
                          f'{base}, ch_ratio={ratio}, inflate_stages={inflate} ({derived})')
   return cfg
+
+
+def _importance_or_offset(sd: Mapping[str, np.ndarray], blocks: list[int], meta_cfg: str | None) -> str:
+  """Whether a learned ``PA`` multiplies the fixed ``A`` (``'importance'``, ST-GCN's default) or is added to it
+  (``'offset'``): the config text when it says, else the tensors.
+
+  Where ``A`` is 0, an importance ``PA`` gets no gradient from the loss (``∂(A·PA)/∂PA = A``): those entries
+  start at 1 and move only by weight decay, identically, so they all hold one value however long the model was
+  trained. An offset ``PA`` starts at distinct random values of about ±1e-6 and is trained everywhere.
+  """
+  named = _text_value(meta_cfg, r"gcn_adaptive\s*=\s*['\"](importance|offset)['\"]")
+  if named is not None:
+    return named
+  off_graph = [np.asarray(sd[f'backbone.gcn.{i}.gcn.PA'])[np.asarray(sd[f'backbone.gcn.{i}.gcn.A']) == 0]
+               for i in blocks if f'backbone.gcn.{i}.gcn.PA' in sd and f'backbone.gcn.{i}.gcn.A' in sd]
+  if off_graph and all(x.size for x in off_graph):
+    return 'importance' if all(np.unique(x).size == 1 for x in off_graph) else 'offset'
+  # A graph without zeros: PA's scale is the only hint (1 for importance, ~0 for offset).
+  return 'importance' if float(np.mean(np.abs(sd['backbone.gcn.0.gcn.PA']))) > 0.5 else 'offset'
 
 
 def _meta_list(meta_cfg: str | None, name: str) -> tuple[int, ...] | None:
@@ -313,10 +330,6 @@ def build_loaded(cfg: ModelConfig, state_dict: Mapping[str, Any], *, source: str
 # ------------------------------------------------------------------------------------ .pth -> checkpoint
 FEATS = ('j', 'b', 'jm', 'bm')
 # File-name spellings of the modality: mmaction2 zoo ('...-joint-motion-...'), pyskl zoo ('.../jm.pth').
-_FEAT_WORDS = (('joint-motion', 'jm'), ('joint_motion', 'jm'), ('bone-motion', 'bm'), ('bone_motion', 'bm'),
-               ('joint', 'j'), ('bone', 'b'))
-
-
 class ConvertError(ValueError):
   """A conversion that cannot be done (bad arguments, output exists, check failed); names the file."""
 
@@ -342,7 +355,8 @@ class ConvertResult:
              f'gcn_adaptive={c.gcn_adaptive}, num_classes={c.num_classes}',
              f'  layout: {self.meta["layout"]} ({self.meta["layout_source"]}), '
              f'feat: {self.meta["feat"]} ({self.meta["feat_source"]}), '
-             f'class names: {"built in" if self.meta["class_names"] else "none"}']
+             'class names: ' + (f'{self.meta["class_names"][0]!r}, ... ({len(self.meta["class_names"])})'
+                                if self.meta['class_names'] else 'none')]
     if self.check is not None:
       lines.append(f'  check against {self.check["reference"]}: max abs logit difference '
                    f'{self.check["max_abs_diff"]:.3g}, max abs parameter difference '
@@ -370,11 +384,17 @@ def _feat_from_text(text: str | None) -> str | None:
 
 
 def _feat_from_name(path: Path) -> str | None:
-  name = path.name.lower()
-  for word, feat in _FEAT_WORDS:
-    if word in name:
-      return feat
-  return path.stem.lower() if path.stem.lower() in FEATS else None
+  """The modality a file name states as words (``...-bone-motion-u100...``, ``bone_motion.pth``) or as the
+  whole stem (pyskl's ``jm.pth``); whole words only, so ``backbone`` is not a bone."""
+  stem = path.stem.lower()
+  if stem in FEATS:
+    return stem
+  words = re.split(r'[^a-z0-9]+', stem)
+  for i, word in enumerate(words):
+    if word in ('joint', 'bone'):
+      motion = i + 1 < len(words) and words[i + 1] == 'motion'
+      return word[0] + ('m' if motion else '')
+  return None
 
 
 def _json_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -396,7 +416,8 @@ def convert_checkpoint(pth: str | os.PathLike, out_dir: str | os.PathLike, *, la
   (:func:`infer_config`), every tensor is loaded strictly, and the model is written with
   :func:`stgcn_jax.checkpoint.write_model` plus metadata: ``layout`` (given, read from the config text, or
   guessed from V), ``feat`` (given, from the config text, or from the file name; else None), ``class_names``
-  (NTU60/NTU120 for 60/120 classes), ``source`` and the checkpoint's own scalar metadata.
+  (the checkpoint's ``dataset_meta['classes']``, else NTU60/NTU120 for 60/120 classes), ``source`` and the
+  checkpoint's own scalar metadata.
 
   Args:
     layout: the skeleton layout name (needed only when V does not identify a built-in one).
@@ -453,11 +474,12 @@ def convert_checkpoint(pth: str | os.PathLike, out_dir: str | os.PathLike, *, la
       feat, feat_source = _feat_from_name(pth), 'file name'
     if feat is None:
       feat_source = 'unknown'
-  names = labels_lib.class_names(cfg.num_classes)
   dataset_meta = (torch_meta or {}).get('dataset_meta') or {}
   classes = dataset_meta.get('classes') if isinstance(dataset_meta, Mapping) else None
-  if names is None and isinstance(classes, (list, tuple)) and len(classes) == cfg.num_classes:
-    names = [str(c) for c in classes]
+  if isinstance(classes, (list, tuple)) and len(classes) == cfg.num_classes:
+    names = [str(c) for c in classes]            # the checkpoint's own label names
+  else:
+    names = labels_lib.class_names(cfg.num_classes)
   meta = {'source': str(pth.absolute()), 'source_format': 'pytorch', 'layout': graph_lib.get_layout(cfg.layout).name,
           'layout_source': layout_source, 'feat': feat, 'feat_source': feat_source, 'class_names': names,
           'torch_meta': _json_meta(torch_meta)}
@@ -490,7 +512,8 @@ def _check(model: Recognizer, written: Path, sd: Mapping[str, np.ndarray], cfg: 
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))   # one compilation for both models
   ours = np.asarray(forward(state, x))
   exported = export_state_dict(model)
-  param_diff = max(float(np.abs(exported[k].astype(np.float64) - sd[k].astype(np.float64)).max(initial=0.0))
+  # Against the checkpoint's values in the model's dtype: a float64 or bfloat16 file is stored as float32.
+  param_diff = max(float(np.abs(exported[k].astype(np.float64) - sd[k].astype(exported[k].dtype)).max(initial=0.0))
                    for k in exported if k in sd)
   reference, why = _torch_reference_logits(cfg, sd, x)
   if reference is not None:

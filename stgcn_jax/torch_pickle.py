@@ -183,6 +183,15 @@ def _reconstructor(cls, base, state):
   raise UnsafeCheckpointError(f'copyreg._reconstructor of {cls!r} is not allowed')
 
 
+def _getattr_of_ignored(obj: Any, name: Any) -> type:
+  # Protocol 0-3 pickles name a method as getattr(cls, 'name') (HistoryBuffer keeps its statistics methods in
+  # its state). Allowed on an ignored placeholder only, where it gives another placeholder.
+  if isinstance(obj, type) and issubclass(obj, IgnoredObject) and isinstance(name, str):
+    return _ignored(f'{obj.name}.{name}')
+  raise UnsafeCheckpointError(f'getattr({obj!r}, {name!r}) is not allowed: only attributes of ignored '
+                              'bookkeeping objects may be looked up')
+
+
 _IGNORED = ('mmengine.logging.history_buffer.HistoryBuffer',)
 
 # (module, name) -> resolver. One visible table: this is the whole surface a file can reach.
@@ -198,6 +207,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ('torch', 'Size'): lambda: tuple,
     ('torch.torch_version', 'TorchVersion'): lambda: str,
     ('copyreg', '_reconstructor'): lambda: _reconstructor,
+    ('builtins', 'getattr'): lambda: _getattr_of_ignored,
     **{('torch', n): (lambda n=n, d=d: _StorageType(n, d)) for n, d in STORAGE_DTYPES.items()},
     ('torch.storage', 'UntypedStorage'): lambda: _StorageType('UntypedStorage', STORAGE_DTYPES['UntypedStorage']),
     **{('torch', n): (lambda n=n, d=d: _TorchDtype(n, d)) for n, d in TORCH_DTYPES.items()},
@@ -218,6 +228,9 @@ class _Unpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     module, name = python3_name(module, name)
     resolver = ALLOWED_GLOBALS.get((module, name))
+    owner = ALLOWED_GLOBALS.get((module, name.split('.', 1)[0])) if '.' in name else None
+    if resolver is None and owner is not None and f'{module}.{name.split(".", 1)[0]}' in _IGNORED:
+      return _ignored(f'{module}.{name}')   # protocol 4+: a method of an ignored class, named by its qualname
     if resolver is None:
       if module == 'torch' and name.endswith('Storage'):
         raise CheckpointFormatError(f'{self._source}: tensors stored as torch.{name} are not supported '
@@ -342,6 +355,15 @@ def load(path: str | os.PathLike) -> Any:
     CheckpointFormatError: truncated/corrupted file, not a PyTorch checkpoint, or an unsupported tensor type.
   """
   path = os.fspath(path)
+  try:
+    return _load(path)
+  except UnsafeCheckpointError as e:   # raised inside an allowed callable: say which file
+    if str(e).startswith(path):
+      raise
+    raise UnsafeCheckpointError(f'{path}: {e}. The file may be malicious; nothing from it was executed.') from None
+
+
+def _load(path: str) -> Any:
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist; check the path')
   if os.path.isdir(path):

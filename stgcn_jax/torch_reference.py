@@ -87,8 +87,15 @@ def mmaction_recognizer(cfg: ModelConfig, state_dict: Mapping[str, Any] | None =
                           cls_head=dict(type='GCNHead', num_classes=cfg.num_classes,
                                         in_channels=cfg.stage_specs()[-1][1], dropout=cfg.head_dropout)))
   if state_dict is not None:
-    net.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state_dict.items()}, strict=True)
+    net.load_state_dict({k: torch.as_tensor(_torch_compatible(v)) for k, v in state_dict.items()}, strict=True)
   return net
+
+
+def _torch_compatible(value: Any) -> np.ndarray:
+  """A numpy copy of ``value``; ml_dtypes' bfloat16, which torch cannot take from numpy, widened (exactly) to
+  float32."""
+  arr = np.array(value)
+  return arr.astype(np.float32) if arr.dtype.name == 'bfloat16' else arr
 
 
 __all__ = ['MMACTION_LAYOUTS', 'import_mmaction', 'mmaction_recognizer']

@@ -137,11 +137,53 @@ def test_hand_model_architecture_is_inferred_without_flags(tmp_path, capsys):
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize('dtype', ['float64', 'bfloat16'])
+def test_float64_and_bfloat16_checkpoints_pass_the_check(tmp_path, dtype, capsys):
+  # Stored as float32: the check compares the parameters with the file's values in that dtype. The file's own
+  # class names win over the built-in NTU60 ones.
+  torch = pytest.importorskip('torch')
+  cfg = ModelConfig(num_classes=60, layout='coco', num_stages=3, base_channels=8, inflate_stages=(3,),
+                    down_stages=(3,))
+  sd = {k: torch.from_numpy(v.astype(np.float64) + 1e-9).to(getattr(torch, dtype)) if v.dtype == np.float32
+        else torch.from_numpy(v) for k, v in _random_state_dict(cfg).items()}   # float64 off the float32 grid
+  names = [f'gesture {i}' for i in range(60)]
+  pth = tmp_path / f'{dtype}.pth'
+  torch.save({'meta': {'dataset_meta': {'classes': names}}, 'state_dict': sd}, pth)
+  out = tmp_path / dtype
+  assert _cli()([str(pth), '--out', str(out), '--check']) == 0
+  assert "class names: 'gesture 0', ... (60)" in capsys.readouterr().out
+  model, meta = ckpt_lib.load_model(out)
+  assert meta['class_names'] == names
+  for key, value in convert.export_state_dict(model).items():
+    np.testing.assert_array_equal(value, sd[key].float().numpy() if sd[key].is_floating_point() else sd[key].numpy(),
+                                  err_msg=key)
+
+
 def test_down_stage_without_inflation_is_inferred():
   # A stride-2 stage that keeps the width still has a residual conv: only a stride explains it.
   cfg = ModelConfig(num_classes=5, layout='openpose', num_stages=4, base_channels=16, inflate_stages=(4,),
                     down_stages=(3, 4), tcn_type='unit_tcn')
   assert convert.infer_config(_random_state_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize('adaptive', ['importance', 'offset'])
+def test_importance_and_offset_graphs_are_told_apart_after_training(adaptive):
+  # ST-GCN's importance PA multiplies the fixed A: where A is 0 it gets no gradient, and weight decay takes all of
+  # those entries to one value (0.22 after 3000 SGD steps with the recipe's decay). An offset PA is added to A
+  # and trained everywhere, here to values larger than 1. Neither can be told apart by PA's scale alone.
+  cfg = ModelConfig(num_classes=5, layout='coco', graph_mode='stgcn_spatial', num_stages=3, base_channels=8,
+                    inflate_stages=(3,), down_stages=(3,), gcn_adaptive=adaptive, gcn_with_res=False,
+                    tcn_type='unit_tcn')
+  sd = _random_state_dict(cfg)
+  rng = np.random.default_rng(1)
+  a = graph.adjacency('coco', 'stgcn_spatial').astype(np.float32)
+  for key in [k for k in sd if k.endswith('.gcn.PA')]:
+    sd[key.replace('.PA', '.A')] = a
+    trained = rng.normal(0, 1.0, a.shape)
+    sd[key] = (np.where(a == 0, 0.22, np.abs(trained)) if adaptive == 'importance' else trained).astype(np.float32)
+  assert convert.infer_config(sd) == cfg
+  other = 'offset' if adaptive == 'importance' else 'importance'
+  assert convert.infer_config(sd, meta_cfg=f"backbone=dict(gcn_adaptive='{other}')").gcn_adaptive == other
 
 
 # ------------------------------------------------------------------------------------------- failures
@@ -237,6 +279,8 @@ def test_feat_and_layout_read_from_config_text(fixtures_dir, tmp_path):
   assert convert._feat_from_name(Path('stgcnpp_8xb16-bone-motion-u100-80e_ntu60-xsub-keypoint-2d.pth')) == 'bm'
   assert convert._feat_from_name(Path('stgcnpp_8xb16-joint-u100-80e_ntu60-xsub-keypoint-3d.pth')) == 'j'
   assert convert._feat_from_name(Path('model.pth')) is None
+  assert convert._feat_from_name(Path('stgcnpp_backbone_ft.pth')) is None        # words, not substrings
+  assert convert._feat_from_name(Path('bone_motion.pth')) == 'bm' and convert._feat_from_name(Path('jm.pth')) == 'jm'
 
 
 def test_load_state_dict_into_an_initialised_model():

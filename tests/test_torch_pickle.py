@@ -210,6 +210,42 @@ def test_mmengine_history_buffer_becomes_inert(tmp_path):
   assert meta is None
 
 
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_genuine_mmengine_training_checkpoint_loads(tmp_path, protocol):
+  # What mmengine's CheckpointHook writes: meta, weights, the message hub (HistoryBuffers, whose statistics
+  # methods pickle as getattr(HistoryBuffer, 'mean') or by qualname), optimizer and scheduler states.
+  torch = pytest.importorskip('torch')
+  logging = pytest.importorskip('mmengine.logging')
+  hub = logging.MessageHub.get_instance(f'probe_{protocol}')
+  hub.update_scalar('train/loss', 1.25)
+  hub.update_info('iter', 3)
+  w = torch.nn.Parameter(torch.tensor([1.5, -2.0]))
+  opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+  w.sum().backward()
+  opt.step()
+  path = tmp_path / 'epoch_1.pth'
+  torch.save({'meta': {'epoch': 1, 'seed': 0}, 'state_dict': {'w': w.detach()}, 'message_hub': hub.state_dict(),
+              'optimizer': opt.state_dict(), 'param_schedulers': [{'last_epoch': 1, 'base_lrs': [0.1]}]},
+             path, pickle_protocol=protocol)
+  sd, meta = tp.load_checkpoint(path)
+  np.testing.assert_array_equal(sd['w'], w.detach().numpy())
+  assert meta == {'epoch': 1, 'seed': 0}
+  assert isinstance(tp.load(path)['message_hub']['log_scalars']['train/loss'], tp.IgnoredObject)
+
+
+class _GetattrEvil:
+  def __reduce__(self):
+    return (getattr, (OrderedDict, 'fromkeys'))
+
+
+def test_getattr_is_refused_outside_ignored_objects(tmp_path):
+  path = tmp_path / 'getattr.pth'
+  _torch_zip(path, pickle.dumps({'state_dict': {}, 'x': _GetattrEvil()}, protocol=2))
+  with pytest.raises(tp.UnsafeCheckpointError, match=r"getattr.pth: getattr\(<class 'collections.OrderedDict'>, "
+                     r"'fromkeys'\) is not allowed.*nothing from it was executed"):
+    tp.load(path)
+
+
 # ------------------------------------------------------------------------------------------- broken files
 def test_truncated_zip_checkpoint(tmp_path, fixtures_dir):
   raw = (fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth').read_bytes()
