@@ -37,14 +37,15 @@ class Evaluator:
     self._step = jax.jit(step, in_shardings=(rep, rep, data), out_shardings=(data, data))
 
   def predict(self, params, stats, dataset, *, feat: str, layout: Any, clip_len: int, num_clips: int,
-              batch_size: int, num_workers: int = 0) -> np.ndarray:
-    """Clip-averaged class probabilities ``(len(dataset), K)`` in dataset order, on every process."""
+              batch_size: int, num_workers: int = 0, num_person: int = pipeline.NUM_PERSON) -> np.ndarray:
+    """Clip-averaged class probabilities ``(len(dataset), K)`` in dataset order, on every process; clips of
+    ``num_person`` persons (the model's)."""
     n_proc = jax.process_count()
     sharding_lib.check_batch_size(batch_size, self.mesh)
     iterator = pipeline.make_eval_iterator(
         dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips,
         batch_size=batch_size // n_proc, shard_index=jax.process_index(), shard_count=n_proc,
-        num_workers=num_workers)
+        num_workers=num_workers, num_person=num_person)
     scores, seen = None, np.zeros(len(dataset), np.int64)
     for local in iterator:
       batch = sharding_lib.global_batch({'keypoint': local['keypoint']}, self.mesh)
@@ -107,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   scores = Evaluator(graphdef, mesh).predict(
       params, stats, dataset, feat=feat, layout=cfg.layout, clip_len=config.data.clip_len,
       num_clips=num_clips or config.data.test_clips, batch_size=config.eval_batch_size,
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, num_person=cfg.num_person)
   return EvalResult(scores, summarize(scores, dataset.labels), dataset, meta)
 
 

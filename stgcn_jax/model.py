@@ -33,6 +33,8 @@ class ModelConfig:
 
   ``inflate_stages`` / ``down_stages`` are 1-based stage numbers, as in the references. ``layout`` is a
   built-in layout name or a mapping ``{num_node, inward, center}`` (see :mod:`stgcn_jax.graph`).
+  ``num_person`` is M, the persons per clip the data pipeline formats (2 in every published config); a
+  per-person data BatchNorm (``data_bn_type='MVC'``) accepts only inputs with that M.
   """
 
   num_classes: int = 60
@@ -217,7 +219,7 @@ class Recognizer(nnx.Module):
     """
     if x.ndim != 5:
       raise ValueError(f'expected keypoints (N, M, T, V, C), got shape {x.shape}')
-    self._check_input(x.shape[-2:])
+    self._check_input(x.shape)
     if x.shape[0] % bn_groups:
       raise ValueError(f'batch {x.shape[0]} is not divisible into {bn_groups} BatchNorm groups')
     if micro_batch is not None:
@@ -247,8 +249,12 @@ class Recognizer(nnx.Module):
     logits = self(x.reshape((n * s,) + x.shape[2:]), micro_batch=micro_batch).reshape(n, s, -1)
     return logits, jax.nn.softmax(logits, axis=-1).mean(axis=1)
 
-  def _check_input(self, vc: tuple[int, int]):
-    v, c = vc
+  def _check_input(self, shape: tuple[int, ...]):
+    m, _, v, c = shape[-4:]
+    if self.config.data_bn_type == 'MVC' and m != self.config.num_person:
+      raise ValueError(f'this model normalises its input per person (data_bn_type MVC) and expects '
+                       f'M={self.config.num_person} persons, got M={m} (input shape {tuple(shape)}); give clips of '
+                       f'{self.config.num_person} persons, padded with zeros')
     if (v, c) != (self.config.num_node, self.config.in_channels):
       raise ValueError(f'this model expects V={self.config.num_node} joints (layout {_layout_name(self.config)}) '
                        f'and C={self.config.in_channels} channels, got V={v}, C={c}; check the skeleton layout '

@@ -67,10 +67,11 @@ def _as_clips(x: np.ndarray, source: str) -> np.ndarray:
 
 
 def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_classes: int,
-                split: str | None = None, num_clips: int = 10, clip_len: int = 100
+                split: str | None = None, num_clips: int = 10, clip_len: int = 100, num_person: int = 2
                 ) -> tuple[np.ndarray, list[str]]:
   """``(x, sample_names)``: model inputs ``(N, S, M, T, V, C)`` float32 from an array file or an annotation
-  pickle (run through the test pipeline with ``feat``; ``split`` selects samples, None = all)."""
+  pickle (run through the test pipeline with ``feat`` into clips of ``num_person`` persons; ``split`` selects
+  samples, None = all)."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'input {str(path)!r} does not exist')
@@ -93,7 +94,8 @@ def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_c
     if len(ds) == 0:
       raise ValueError(f'{path}: split {split!r} holds no samples')
     x = np.stack([transforms.process_sample(ds[i], layout=layout, feat=feat, clip_len=clip_len,
-                                            num_clips=num_clips, test_mode=True) for i in range(len(ds))])
+                                            num_clips=num_clips, test_mode=True, num_person=num_person)
+                  for i in range(len(ds))])
     return x, [str(d) for d in ds.frame_dirs]
   else:
     raise ValueError(f'{path}: unknown input type {suffix!r}; give a .npy / .npz array or an annotation .pkl')
@@ -101,16 +103,20 @@ def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_c
 
 
 def check_input(x: np.ndarray, model: Recognizer, meta: dict[str, Any] | None = None, source: str = 'input'):
-  """Refuses inputs whose V or C does not fit the checkpoint, saying which layout and modality it expects."""
+  """Refuses inputs whose V or C (or M, for a per-person data BatchNorm) does not fit the checkpoint, saying
+  which layout and modality it expects."""
   cfg = model.config
   layout = graph_lib.get_layout(cfg.layout).name
-  v, c = x.shape[-2:]
-  if (v, c) == (cfg.num_node, cfg.in_channels):
+  m, v, c = x.shape[-4], x.shape[-2], x.shape[-1]
+  if (v, c) == (cfg.num_node, cfg.in_channels) and (cfg.data_bn_type != 'MVC' or m == cfg.num_person):
     return
   feat = (meta or {}).get('feat')
   modality = f'{_MODALITY.get(feat, feat)} features' if feat else 'features'
   channels = {2: 'x, y', 3: 'x, y, score (2D) or x, y, z (3D)'}.get(cfg.in_channels, f'{cfg.in_channels} values')
   problems = []
+  if cfg.data_bn_type == 'MVC' and m != cfg.num_person:
+    problems.append(f'M={m} persons but the checkpoint normalises its input per person and expects '
+                    f'M={cfg.num_person}')
   if v != cfg.num_node:
     problems.append(f'V={v} joints but the checkpoint expects V={cfg.num_node} (layout {layout!r})')
   if c != cfg.in_channels:
@@ -163,7 +169,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *, k: 
     class_names = (meta.get('class_names') or labels_lib.class_names(cfg.num_classes)
                    or [f'class {i}' for i in range(cfg.num_classes)])
   x, names = load_inputs(input_path, layout=cfg.layout, feat=feat or meta.get('feat'), num_classes=cfg.num_classes,
-                         split=split, num_clips=num_clips)
+                         split=split, num_clips=num_clips, num_person=cfg.num_person)
   check_input(x, model, meta, str(input_path))
   logits, probs = predict_arrays(model, x)
   result = PredictResult(logits, probs, names, list(class_names), top_k(probs, k, list(class_names)))

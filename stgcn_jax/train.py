@@ -467,7 +467,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   iterator = pipeline.make_train_iterator(
       train_ds, feat=config.data.feat, layout=mcfg.layout, clip_len=config.data.clip_len,
       global_batch_size=config.batch_size, seed=config.seed, repeat=config.data.train_repeat,
-      shard_index=jax.process_index(), shard_count=jax.process_count(), num_workers=config.data.num_workers)
+      shard_index=jax.process_index(), shard_count=jax.process_count(), num_workers=config.data.num_workers,
+      num_person=mcfg.num_person)
   if latest is not None:
     state, iterator = ckpt_lib.restore_training(mngr, latest, state, iterator)
     logger.info('resumed from %s at step %d', ckpt_dir, latest)
@@ -486,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   def evaluate(split_ds, num_clips):
     scores = evaluator.predict(state.params, state.stats, split_ds, feat=config.data.feat, layout=mcfg.layout,
                                clip_len=config.data.clip_len, num_clips=num_clips,
-                               batch_size=config.eval_batch_size, num_workers=config.data.num_workers)
+                               batch_size=config.eval_batch_size, num_workers=config.data.num_workers,
+                               num_person=mcfg.num_person)
     return scores, eval_lib.summarize(scores, split_ds.labels)
 
   saved_step = latest

@@ -65,6 +65,24 @@ def test_eval_matches_mmaction2_goldens(fixtures_dir, dim, feat):
     assert sorted(seen) == list(range(len(ds)))
 
 
+@pytest.mark.parametrize('num_person', [1, 3])
+def test_person_count_of_the_clips(ds2d, num_person):
+  # FormatGCNInput(num_person): the first persons of each sample, zeros where it has fewer.
+  train = next(P.make_train_iterator(ds2d, feat='j', layout='coco', clip_len=20, global_batch_size=4, seed=3,
+                                     num_person=num_person))['keypoint']
+  two = next(P.make_train_iterator(ds2d, feat='j', layout='coco', clip_len=20, global_batch_size=4, seed=3))
+  assert train.shape == (4, 1, num_person, 20, 17, 3)
+  m = min(num_person, 2)
+  np.testing.assert_array_equal(train[:, :, :m], two['keypoint'][:, :, :m])
+  batch = next(iter(P.make_eval_iterator(ds2d, feat='j', layout='coco', clip_len=20, num_clips=2, batch_size=7,
+                                         num_person=num_person)))
+  for i in range(len(ds2d)):
+    want = T.process_sample(ds2d[i], layout='coco', feat='j', clip_len=20, num_clips=2, test_mode=True,
+                            num_person=num_person)
+    np.testing.assert_array_equal(batch['keypoint'][i], want)
+    assert not batch['keypoint'][i, :, int(ds2d.num_persons[i]):].any()
+
+
 @pytest.mark.parametrize('shard_count', [1, 2, 3])
 @pytest.mark.parametrize('batch_size', [1, 2, 4])
 def test_eval_shards_cover_every_sample_once(ds2d, shard_count, batch_size):

@@ -86,6 +86,26 @@ def test_annotation_file_runs_the_test_pipeline(fixtures_dir, tiny):
     predict.predict(directory, fixtures_dir / 'ntu60_2d_synth.pkl', feat='b')
 
 
+def test_per_person_data_norm_gets_its_person_count(fixtures_dir, tmp_path):
+  # A data BatchNorm over M·V·C channels (MVC) fixes M: the pipeline formats clips of the model's num_person.
+  cfg = ModelConfig(num_classes=60, layout='coco', num_stages=2, base_channels=8, inflate_stages=(), down_stages=(),
+                    data_bn_type='MVC', num_person=3)
+  model = build_model(cfg, seed=1)
+  ckpt_lib.write_model(tmp_path / 'mvc3', model, {'layout': 'coco', 'feat': 'j', 'source': 'test'})
+  result = predict.predict(tmp_path / 'mvc3', fixtures_dir / 'ntu60_2d_synth.pkl', split='xsub_val', k=1)
+  x, _ = predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat='j', num_classes=60,
+                             split='xsub_val', num_person=3)
+  golden = np.load(fixtures_dir / 'pipeline_2d_synth.npz')
+  np.testing.assert_array_equal(x[3, :, :2], golden['test/j/s2d_T064_M3_360x480'])   # M=3 sample: its third
+  assert np.abs(x[3, :, 2]).sum() > 0 and not x[0, :, 1:].any()                      # person too; M=1: zeros
+  np.testing.assert_allclose(result.probs, np.asarray(model.predict_clips(x)[1]), atol=1e-6)
+  with pytest.raises(ValueError, match=r'M=2 persons but the checkpoint normalises its input per person and '
+                                       r'expects M=3'):
+    predict.check_input(x[:, :, :2], model)
+  with pytest.raises(ValueError, match=r'per person \(data_bn_type MVC\) and expects M=3 persons, got M=2'):
+    model(x[:1, 0, :2])
+
+
 def test_annotation_file_needs_a_modality(fixtures_dir):
   with pytest.raises(ValueError, match='pass --feat'):
     predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat=None, num_classes=60)

@@ -218,12 +218,13 @@ class _BatchMap(grain.transforms.Map):
   """A map from a batch of positions to a batch of samples, built in place by :meth:`_sample_into`: no
   per-record Grain overhead and no stacking copy."""
 
-  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int):
+  def __init__(self, dataset: SkeletonDataset, *, feat: str, layout: Layout, clip_len: int, num_clips: int,
+               num_person: int):
     self.dataset, self.feat, self.layout = dataset, feat, layout
-    self.clip_len, self.num_clips = clip_len, num_clips
+    self.clip_len, self.num_clips, self.num_person = clip_len, num_clips, num_person
 
   def _empty(self, batch: int) -> np.ndarray:
-    return np.empty((batch, self.num_clips, NUM_PERSON, self.clip_len, self.layout.num_node, 3), np.float32)
+    return np.empty((batch, self.num_clips, self.num_person, self.clip_len, self.layout.num_node, 3), np.float32)
 
   def _sample_into(self, out: np.ndarray, i: int, rng: np.random.Generator | None) -> None:
     """Sample ``i`` of the dataset into the batch row ``out``: test-mode clips when ``rng`` is None."""
@@ -232,7 +233,7 @@ class _BatchMap(grain.transforms.Map):
     transforms.process_keypoints(
         ds.packed(i), is_2d=ds.is_2d, layout=self.layout, feat=self.feat, clip_len=self.clip_len,
         num_clips=self.num_clips, test_mode=rng is None, rng=rng, img_shape=ds.img_shape(i),
-        num_person=NUM_PERSON, out=out)
+        num_person=self.num_person, out=out)
 
 
 class _TrainBatch(_BatchMap):
@@ -242,8 +243,8 @@ class _TrainBatch(_BatchMap):
   """
 
   def __init__(self, dataset: SkeletonDataset, order: TrainOrder, *, feat: str, layout: Layout, clip_len: int,
-               seed: int):
-    super().__init__(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=1)
+               seed: int, num_person: int):
+    super().__init__(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=1, num_person=num_person)
     self.order, self.seed = order, seed
 
   def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -259,8 +260,8 @@ class _TrainBatch(_BatchMap):
 
 def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
                         global_batch_size: int, seed: int, repeat: int = 5, shard_index: int = 0,
-                        shard_count: int = 1, num_workers: int = 0, num_threads: int = 2, prefetch: int = 2
-                        ) -> grain.DatasetIterator:
+                        shard_count: int = 1, num_workers: int = 0, num_threads: int = 2, prefetch: int = 2,
+                        num_person: int = NUM_PERSON) -> grain.DatasetIterator:
   """The endless training stream of this process: shuffled epochs of ``repeat`` x the split, batched.
 
   Args:
@@ -274,6 +275,8 @@ def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | La
     shard_index, shard_count: this process and the process count (``jax.process_index()/process_count()``).
     num_workers: Grain worker processes (0: sample in this process's threads). The stream is the same.
     num_threads, prefetch: threads and batches buffered per process (per worker when ``num_workers > 0``).
+    num_person: persons per clip, M (``FormatGCNInput(num_person)``: the first ones, zeros where a sample has
+      fewer); the model's ``num_person``.
 
   Returns:
     a Grain ``DatasetIterator`` (``get_state``/``set_state``; works with ``grain.checkpoint.CheckpointSave`` /
@@ -297,7 +300,8 @@ def make_train_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | La
   ds = (grain.MapDataset.range(0, sys.maxsize)                               # stream position g
         .batch(local_batch, drop_remainder=True)                              # k: positions [k*B_local, ...)
         [shard_index::shard_count]                                            # k = b*P + p: rows of process p
-        .map(_TrainBatch(dataset, order, feat=feat, layout=layout, clip_len=clip_len, seed=int(seed))))
+        .map(_TrainBatch(dataset, order, feat=feat, layout=layout, clip_len=clip_len, seed=int(seed),
+                         num_person=_check_positive('num_person', num_person))))
   return iter(_to_iterable(ds, int(num_workers), num_threads, prefetch))
 
 
@@ -329,7 +333,8 @@ def num_eval_batches(num_samples: int, batch_size: int, shard_count: int = 1) ->
 
 def make_eval_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Layout | Mapping, clip_len: int,
                        num_clips: int, batch_size: int, shard_index: int = 0, shard_count: int = 1,
-                       num_workers: int = 0, num_threads: int = 2, prefetch: int = 2) -> grain.IterDataset:
+                       num_workers: int = 0, num_threads: int = 2, prefetch: int = 2,
+                       num_person: int = NUM_PERSON) -> grain.IterDataset:
   """The split in order, with mmaction2's deterministic test/val sampling, sharded over processes.
 
   Args:
@@ -339,6 +344,7 @@ def make_eval_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Lay
     batch_size: samples per batch of this process (the global batch is ``batch_size * shard_count``).
     shard_index, shard_count: this process and the process count.
     num_workers, num_threads, prefetch: as for :func:`make_train_iterator`; the output does not change.
+    num_person: as for :func:`make_train_iterator`.
 
   Returns:
     a re-iterable Grain ``IterDataset`` of dicts ``{'keypoint': float32 (batch_size, NC, M, T, V, C),
@@ -357,5 +363,6 @@ def make_eval_iterator(dataset: SkeletonDataset, *, feat: str, layout: str | Lay
   ds = (grain.MapDataset.range(padded)                                        # positions >= N are padding
         .batch(batch_size, drop_remainder=True)
         [shard_index::shard_count]
-        .map(_EvalBatch(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips)))
+        .map(_EvalBatch(dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips,
+                        num_person=_check_positive('num_person', num_person))))
   return _to_iterable(ds, int(num_workers), num_threads, prefetch)
