@@ -174,8 +174,9 @@ def infer_config(state_dict: Mapping[str, Any], *, layout: str | Mapping | None 
 
   ``layout`` names the skeleton when V does not identify a built-in one (17 coco, 25 nturgb+d, 18 openpose,
   21 handmp). ``meta_cfg``, the config text stored in mmaction2 checkpoints, is read (never executed) only to
-  settle what tensors cannot show: ``down_stages`` where a stage both inflates and downsamples. Without it a
-  widening stage is assumed to downsample, as in every published model.
+  settle what tensors cannot show: ``down_stages`` where a stage both inflates and downsamples (without it a
+  widening stage is assumed to downsample, as in every published model), ``gcn_with_res`` when no block widens
+  (an identity residual has no tensors; default True), and ``gcn_adaptive`` when it names importance or offset.
   """
   sd = normalize_keys(state_dict)
   blocks = _block_indices(sd)
@@ -208,8 +209,11 @@ def infer_config(state_dict: Mapping[str, Any], *, layout: str | Mapping | None 
     c_in = conv.shape[1] if conv_pos == 'pre' else conv.shape[1] // k
     specs.append((c_in, c_out, (p + 'residual.conv.weight') in sd, conv_pos))
 
-  in_channels, base = specs[0][0], specs[0][1]
-  first_is_stage1 = in_channels != base
+  # Stage 1 (the input block) exists when in_channels != base_channels, and is the one block without a residual;
+  # when the widths agree the blocks start at stage 2, whose first block may widen with a residual conv.
+  first_is_stage1 = specs[0][0] != specs[0][1] and not specs[0][2]
+  in_channels = specs[0][0]
+  base = specs[0][1] if first_is_stage1 else in_channels
   num_stages = len(blocks) + (0 if first_is_stage1 else 1)
   first_stage = 1 if first_is_stage1 else 2
   inflate, down = [], []
@@ -241,8 +245,13 @@ def infer_config(state_dict: Mapping[str, Any], *, layout: str | Mapping | None 
       raise StateDictError(f'unit_tcn with temporal kernel {kt} is not supported (expected 9)')
   else:
     raise StateDictError('block 0 has neither tcn.branches (mstcn) nor tcn.conv (unit_tcn); unsupported architecture')
-  with_res = any(f'backbone.gcn.{i}.gcn.down.0.weight' in sd for i in blocks) or all(
-      c_in == c_out for c_in, c_out, *_ in specs)
+  named_res = _text_value(meta_cfg, r'gcn_with_res\s*=\s*(True|False)')
+  if any(f'backbone.gcn.{i}.gcn.down.0.weight' in sd for i in blocks):
+    with_res = True
+  elif all(c_in == c_out for c_in, c_out, *_ in specs):   # an identity residual leaves no tensor: ask the text
+    with_res = named_res != 'False'
+  else:
+    with_res = False
 
   data_bn = get('backbone.data_bn.weight')
   if data_bn is None:

@@ -159,6 +159,19 @@ def test_float64_and_bfloat16_checkpoints_pass_the_check(tmp_path, dtype, capsys
                                   err_msg=key)
 
 
+def test_input_width_equal_to_base_width_is_inferred():
+  # in_channels == base_channels: no stage-1 block, and stage 2 may already widen (with a residual conv).
+  cfg = ModelConfig(num_classes=5, in_channels=8, base_channels=8, num_stages=3, inflate_stages=(2,),
+                    down_stages=(2,))
+  assert convert.infer_config(_random_state_dict(cfg)) == cfg
+  # No block widens: an identity GCN residual leaves no tensor, and only the config text can say there is none.
+  plain = ModelConfig(num_classes=5, in_channels=8, base_channels=8, num_stages=3, inflate_stages=(),
+                      down_stages=(), gcn_with_res=False, tcn_type='unit_tcn', graph_mode='stgcn_spatial')
+  sd = _random_state_dict(plain)
+  assert convert.infer_config(sd, meta_cfg='backbone=dict(gcn_with_res=False)') == plain
+  assert convert.infer_config(sd).gcn_with_res
+
+
 def test_down_stage_without_inflation_is_inferred():
   # A stride-2 stage that keeps the width still has a residual conv: only a stride explains it.
   cfg = ModelConfig(num_classes=5, layout='openpose', num_stages=4, base_channels=16, inflate_stages=(4,),
