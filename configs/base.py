@@ -16,10 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   # user-defined skeleton, dict(num_node=..., inward=[(child, parent), ...], center=...) (README, "Custom
   # datasets and skeleton layouts"): a field of either type.
   config.model = ml_collections.ConfigDict(dict(
-      num_classes=60, layout=ml_collections.FieldReference('coco', field_type=object), graph_mode='spatial', in_channels=3, base_channels=64, ch_ratio=2.0,
-      num_stages=10, inflate_stages=(5, 8), down_stages=(5, 8), num_person=2, data_bn_type='VC',
-      gcn_adaptive='init', gcn_with_res=True, gcn_conv_pos='pre', tcn_type='mstcn', tcn_dropout=0.0,
-      head_dropout=0.0))
+      num_classes=60, layout=ml_collections.FieldReference('coco', field_type=object), graph_mode='spatial',
+      in_channels=3, base_channels=64, ch_ratio=2.0, num_stages=10, inflate_stages=(5, 8), down_stages=(5, 8),
+      num_person=2, data_bn_type='VC', gcn_adaptive='init', gcn_with_res=True, gcn_conv_pos='pre',
+      tcn_type='mstcn', tcn_dropout=0.0, head_dropout=0.0))
 
   # Data: mmaction2's published annotation pickle (https://download.openmmlab.com/mmaction/v1.0/skeleton/data/).
   config.data = ml_collections.ConfigDict(dict(

@@ -338,7 +338,8 @@ def build_loaded(cfg: ModelConfig, state_dict: Mapping[str, Any], *, source: str
 
 # ------------------------------------------------------------------------------------ .pth -> checkpoint
 FEATS = ('j', 'b', 'jm', 'bm')
-# File-name spellings of the modality: mmaction2 zoo ('...-joint-motion-...'), pyskl zoo ('.../jm.pth').
+
+
 class ConvertError(ValueError):
   """A conversion that cannot be done (bad arguments, output exists, check failed); names the file."""
 

@@ -246,9 +246,9 @@ def pre_normalize_3d(keypoint: np.ndarray, zaxis: Sequence[int] = (0, 1), xaxis:
 
   Returns:
     ``(keypoint, body_center)``: float64 ``(M, T', V, 3)`` (float32 when both rotations are skipped) and
-    the float32 ``(3,)`` centre that was subtracted. An all-zero input is returned unchanged (its own dtype, all frames) with ``body_center``
-    ``None``, as in the reference; so is an input in which the main person is never present (mmaction2
-    raises on it).
+    the float32 ``(3,)`` centre that was subtracted. An all-zero input is returned unchanged (its own dtype,
+    all frames) with ``body_center`` ``None``, as in the reference; so is an input in which the main person
+    is never present (mmaction2 raises on it).
   """
   sk = np.asarray(keypoint)
   _check_3d(sk, zaxis, xaxis)
