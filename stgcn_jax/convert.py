@@ -286,16 +286,16 @@ def _importance_or_offset(sd: Mapping[str, np.ndarray], blocks: list[int], meta_
 
   Where ``A`` is 0, an importance ``PA`` gets no gradient from the loss (``∂(A·PA)/∂PA = A``): those entries
   start at 1 and move only by weight decay, identically, so they all hold one value however long the model was
-  trained. An offset ``PA`` starts at distinct random values of about ±1e-6 and is trained everywhere.
+  trained (weight decay takes it far below 1). An offset ``PA`` starts at distinct random values of about
+  ±1e-6 and is trained everywhere. Otherwise PA's scale decides: about 1 for importance, about 0 for offset.
   """
   named = _text_value(meta_cfg, r"gcn_adaptive\s*=\s*['\"](importance|offset)['\"]")
   if named is not None:
     return named
   off_graph = [np.asarray(sd[f'backbone.gcn.{i}.gcn.PA'])[np.asarray(sd[f'backbone.gcn.{i}.gcn.A']) == 0]
                for i in blocks if f'backbone.gcn.{i}.gcn.PA' in sd and f'backbone.gcn.{i}.gcn.A' in sd]
-  if off_graph and all(x.size for x in off_graph):
-    return 'importance' if all(np.unique(x).size == 1 for x in off_graph) else 'offset'
-  # A graph without zeros: PA's scale is the only hint (1 for importance, ~0 for offset).
+  if off_graph and all(x.size > 1 and np.unique(x).size == 1 for x in off_graph):
+    return 'importance'
   return 'importance' if float(np.mean(np.abs(sd['backbone.gcn.0.gcn.PA']))) > 0.5 else 'offset'
 
 

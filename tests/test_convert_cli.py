@@ -182,8 +182,8 @@ def test_down_stage_without_inflation_is_inferred():
 @pytest.mark.parametrize('adaptive', ['importance', 'offset'])
 def test_importance_and_offset_graphs_are_told_apart_after_training(adaptive):
   # ST-GCN's importance PA multiplies the fixed A: where A is 0 it gets no gradient, and weight decay takes all of
-  # those entries to one value (0.22 after 3000 SGD steps with the recipe's decay). An offset PA is added to A
-  # and trained everywhere, here to values larger than 1. Neither can be told apart by PA's scale alone.
+  # those entries to one value (0.22 after 3000 SGD steps with the recipe's decay), which PA's mean scale (then
+  # below 0.5, as an offset's) does not tell apart. An offset PA is added to A and trained everywhere.
   cfg = ModelConfig(num_classes=5, layout='coco', graph_mode='stgcn_spatial', num_stages=3, base_channels=8,
                     inflate_stages=(3,), down_stages=(3,), gcn_adaptive=adaptive, gcn_with_res=False,
                     tcn_type='unit_tcn')
@@ -192,8 +192,8 @@ def test_importance_and_offset_graphs_are_told_apart_after_training(adaptive):
   a = graph.adjacency('coco', 'stgcn_spatial').astype(np.float32)
   for key in [k for k in sd if k.endswith('.gcn.PA')]:
     sd[key.replace('.PA', '.A')] = a
-    trained = rng.normal(0, 1.0, a.shape)
-    sd[key] = (np.where(a == 0, 0.22, np.abs(trained)) if adaptive == 'importance' else trained).astype(np.float32)
+    trained = rng.normal(0, 0.3, a.shape)
+    sd[key] = (np.where(a == 0, 0.22, 1 + trained) if adaptive == 'importance' else trained).astype(np.float32)
   assert convert.infer_config(sd) == cfg
   other = 'offset' if adaptive == 'importance' else 'importance'
   assert convert.infer_config(sd, meta_cfg=f"backbone=dict(gcn_adaptive='{other}')").gcn_adaptive == other
