@@ -3,10 +3,10 @@
 The multi-stream numbers of STGCN++ (SPEC §2) are weighted sums of the single-stream test scores:
 two-stream j:b = 1:1, four-stream j:jm:b:bm = 2:1:2:1. This mirrors mmaction2's
 ``tools/analysis_tools/report_accuracy.py``: optionally a softmax over classes per file, then
-``sum_i coefficient_i * scores_i``, accumulated in float32 in file order (the same arithmetic, so argmax ties
-come out the same). Before fusing, every file must describe the same samples in the same order: by
-``frame_dir`` when both files have them, else by sample count and labels; a mismatch is refused with the two
-files and the first differing sample named.
+``sum_i coefficient_i * scores_i`` as its ``get_weighted_score`` computes it (``numpy.dot`` of the stacked
+scores with the float64 coefficients: float64 sums, so argmax ties come out the same). Before fusing, every
+file must describe the same samples in the same order: by ``frame_dir`` among the files that have them, and by
+sample count and labels; a mismatch is refused with the two files and the first differing sample named.
 
 Command line (results files from ``stgcn_jax.test --dump`` or mmaction2's ``tools/test.py --dump``)::
 
@@ -52,10 +52,11 @@ def _first_difference(a: Sequence, b: Sequence) -> int:
 def check_aligned(results: Sequence[Results]) -> None:
   """Raises :class:`FusionMismatchError` unless every file matches the first one sample for sample.
 
-  Compared against the first file: the class count, the sample count, then ``frame_dirs`` (when both files
-  have them) and the labels. The message names both files and the first differing sample.
+  Compared against the first file: the class count, the sample count and the labels; ``frame_dirs`` against
+  the first file that has them. The message names both files and the first differing sample.
   """
   ref = results[0]
+  named = next((r for r in results if r.frame_dirs is not None), None)
   for other in results[1:]:
     pair = f'{ref.path} and {other.path}'
     if other.num_classes != ref.num_classes:
@@ -64,13 +65,13 @@ def check_aligned(results: Sequence[Results]) -> None:
     if other.num_samples != ref.num_samples:
       raise FusionMismatchError(f'{pair} have {ref.num_samples} and {other.num_samples} samples; they must come '
                                 'from the same split (same annotation file, split and skip policy)')
-    if ref.frame_dirs is not None and other.frame_dirs is not None and ref.frame_dirs != other.frame_dirs:
-      i = _first_difference(ref.frame_dirs, other.frame_dirs)
-      how = ('the same samples in a different order' if sorted(ref.frame_dirs) == sorted(other.frame_dirs)
+    if named is not None and other.frame_dirs is not None and named.frame_dirs != other.frame_dirs:
+      i = _first_difference(named.frame_dirs, other.frame_dirs)
+      how = ('the same samples in a different order' if sorted(named.frame_dirs) == sorted(other.frame_dirs)
              else 'different samples')
-      raise FusionMismatchError(f'{pair} hold {how}: sample {i} is {ref.frame_dirs[i]!r} in the first and '
-                                f'{other.frame_dirs[i]!r} in the second; dump both from the same split in split '
-                                'order')
+      raise FusionMismatchError(f'{named.path} and {other.path} hold {how}: sample {i} is '
+                                f'{named.frame_dirs[i]!r} in the first and {other.frame_dirs[i]!r} in the second; '
+                                'dump both from the same split in split order')
     if not np.array_equal(ref.labels, other.labels):
       i = int(np.flatnonzero(ref.labels != other.labels)[0])
       name = f' ({ref.frame_dirs[i]!r})' if ref.frame_dirs is not None else ''
@@ -81,7 +82,7 @@ def check_aligned(results: Sequence[Results]) -> None:
 
 def fuse(results: Sequence[Results | np.ndarray], coefficients: Sequence[float],
          apply_softmax: bool = False) -> np.ndarray:
-  """Weighted sum of the score matrices, float32 (N, K).
+  """Weighted sum of the score matrices, float64 (N, K), as mmaction2's ``get_weighted_score``.
 
   ``results`` are :class:`Results` (checked with :func:`check_aligned`) or bare (N, K) arrays (only shapes are
   checked). With ``apply_softmax`` each file's scores go through a softmax over classes first (use it for
@@ -95,17 +96,19 @@ def fuse(results: Sequence[Results | np.ndarray], coefficients: Sequence[float],
                      'file (e.g. --coefficients 2 1 2 1 for j jm b bm)')
   if not all(np.isfinite(coefficients)):
     raise ValueError(f'coefficients must be finite numbers, got {coefficients}')
+  if not any(coefficients):
+    raise ValueError(f'coefficients {coefficients} are all 0: the fused scores would all be 0; give each stream '
+                     'a weight (e.g. 1 1)')
   if all(isinstance(r, Results) for r in results):
     check_aligned(results)
-  arrays = [np.asarray(r.scores if isinstance(r, Results) else r, np.float32) for r in results]
+  arrays = [np.asarray(r.scores if isinstance(r, Results) else r) for r in results]
+  arrays = [a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float32) for a in arrays]
   for i, a in enumerate(arrays):
     if a.ndim != 2 or a.shape != arrays[0].shape:
       raise FusionMismatchError(f'scores {i} have shape {a.shape}, scores 0 have {arrays[0].shape}; all must be '
                                 'the same (N, K)')
-  fused = np.zeros_like(arrays[0])
-  for a, c in zip(arrays, coefficients):
-    fused += (softmax(a) if apply_softmax else a) * np.float32(c)
-  return fused
+  stacked = np.stack([softmax(a) if apply_softmax else a for a in arrays])        # (S, N, K)
+  return np.dot(stacked.T, np.asarray(coefficients, np.float64)).T
 
 
 def fuse_files(paths: Sequence[str | os.PathLike], coefficients: Sequence[float] | None = None,
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   try:
     fused, acc = fuse_files(args.preds, args.coefficients, args.apply_softmax)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   weights = ' '.join(f'{c:g}' for c in fused.meta['coefficients'])
@@ -155,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'coefficients {weights}{" after softmax" if args.apply_softmax else ""}')
   print(format_accuracies(acc))
   if args.out:
-    results_lib.write_results(args.out, fused.scores, fused.labels, fused.frame_dirs, fused.class_names, fused.meta)
+    try:
+      results_lib.write_results(args.out, fused.scores, fused.labels, fused.frame_dirs, fused.class_names,
+                                fused.meta)
+    except OSError as e:
+      print(f'error: --out {args.out}: {e}', file=sys.stderr)
+      return 2
     print(f'fused scores written to {args.out}')
   return 0
 

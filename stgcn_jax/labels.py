@@ -155,8 +155,11 @@ def read_labels_file(path: str | os.PathLike, num_classes: int | None = None) ->
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'labels file {path!r} does not exist; give a text file with one class name per line')
-  with open(path, encoding='utf-8') as f:
-    names = [line.strip() for line in f.read().splitlines()]
+  try:
+    with open(path, encoding='utf-8-sig') as f:   # -sig: a byte-order mark (Windows editors) is not a name
+      names = [line.strip() for line in f.read().splitlines()]
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the labels file as UTF-8') from None
   while names and not names[-1]:
     names.pop()
   if not names:

@@ -76,15 +76,8 @@ def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_c
   if not path.is_file():
     raise FileNotFoundError(f'input {str(path)!r} does not exist')
   suffix = path.suffix.lower()
-  if suffix == '.npy':
-    x = _as_clips(np.load(path, allow_pickle=False), str(path))
-  elif suffix == '.npz':
-    with np.load(path, allow_pickle=False) as z:
-      keys = list(z.keys())
-      key = 'input' if 'input' in keys else 'keypoint' if 'keypoint' in keys else keys[0] if len(keys) == 1 else None
-      if key is None:
-        raise ValueError(f'{path}: holds {keys[:8]}; put the inputs under the key "input" (or save one array)')
-      x = _as_clips(z[key], f'{path}[{key}]')
+  if suffix in ('.npy', '.npz'):
+    x = _read_array_file(path, suffix)
   elif suffix in ('.pkl', '.pickle'):
     from stgcn_jax.data import annotations, transforms
     if feat is None:
@@ -99,7 +92,36 @@ def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_c
     return x, [str(d) for d in ds.frame_dirs]
   else:
     raise ValueError(f'{path}: unknown input type {suffix!r}; give a .npy / .npz array or an annotation .pkl')
-  return np.asarray(x, np.float32), [f'sample {i}' for i in range(x.shape[0])]
+  if x.dtype.kind not in 'fiu':
+    raise ValueError(f'{path}: holds {x.dtype} values; expected numbers (float32 skeleton features)')
+  x = np.asarray(x, np.float32)
+  if 0 in x.shape:
+    raise ValueError(f'{path}: an empty input of shape {x.shape} (N, S, M, T, V, C); give at least one sample '
+                     'with frames')
+  if not np.isfinite(x).all():
+    bad = tuple(int(b) for b in np.argwhere(~np.isfinite(x))[0])
+    raise ValueError(f'{path}: {np.count_nonzero(~np.isfinite(x))} NaN/Inf value(s), the first at (sample, clip, '
+                     f'person, frame, joint, channel) = {bad}; store missing joints as 0')
+  return x, [f'sample {i}' for i in range(x.shape[0])]
+
+
+def _read_array_file(path: Path, suffix: str) -> np.ndarray:
+  """The ``(N, S, M, T, V, C)`` inputs of a ``.npy`` / ``.npz`` file; a file numpy cannot read names itself."""
+  import zipfile  # noqa: PLC0415
+  try:
+    if suffix == '.npy':
+      return _as_clips(np.load(path, allow_pickle=False), str(path))
+    with np.load(path, allow_pickle=False) as z:
+      keys = list(z.keys())
+      key = 'input' if 'input' in keys else 'keypoint' if 'keypoint' in keys else keys[0] if len(keys) == 1 else None
+      if key is None:
+        raise ValueError(f'{path}: holds {keys[:8]}; put the inputs under the key "input" (or save one array)')
+      return _as_clips(z[key], f'{path}[{key}]')
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    if str(path) in str(e):
+      raise
+    raise ValueError(f'{path}: not a readable {suffix} array of numbers ({type(e).__name__}: {e}); save the '
+                     'inputs with numpy.save / numpy.savez') from None
 
 
 def check_input(x: np.ndarray, model: Recognizer, meta: dict[str, Any] | None = None, source: str = 'input'):
@@ -146,8 +168,11 @@ def predict_arrays(model: Recognizer, x: np.ndarray, *, batch_size: int = 32) ->
 
 
 def top_k(probs: np.ndarray, k: int, class_names: list[str]) -> list[list[tuple[int, str, float]]]:
-  """The ``k`` most probable classes per row, best first (ties: lower index first)."""
-  k = max(1, min(k, probs.shape[-1]))
+  """The ``k`` most probable classes per row (all of them when there are fewer), best first (ties: lower
+  index first)."""
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f'top-k must be a positive integer, got {k!r}')
+  k = min(k, probs.shape[-1])
   order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
   return [[(int(j), class_names[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
 
@@ -158,6 +183,11 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *, k: 
   """Loads ``checkpoint``, reads ``input_path`` (see the module docstring), and returns the scores; with
   ``output`` also writes them (``.npy``: probs ``(N, K)``; ``.npz``: ``logits``, ``probs``, ``names``)."""
   from stgcn_jax import checkpoint as ckpt_lib
+  if output is not None and Path(output).is_dir():
+    raise ValueError(f'--output {str(output)!r} is a directory; name a .npy or .npz file')
+  if output is not None and Path(output).suffix.lower() not in ('.npy', '.npz'):
+    raise ValueError(f'--output {str(output)!r}: name a .npy file (probabilities) or a .npz file (logits, '
+                     'probabilities, names)')
   model, meta = ckpt_lib.load_model(checkpoint)
   cfg = model.config
   if feat is not None and meta.get('feat') and feat != meta['feat']:
@@ -176,10 +206,11 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *, k: 
   if output is not None:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == '.npz':
-      np.savez(output, logits=logits, probs=probs, names=np.asarray(names))
-    else:
-      np.save(output, probs)
+    with open(output, 'wb') as f:   # a file object: numpy would append its own suffix to '.NPZ' / '.NPY'
+      if output.suffix.lower() == '.npz':
+        np.savez(f, logits=logits, probs=probs, names=np.asarray(names))
+      else:
+        np.save(f, probs)
   return result
 
 
@@ -197,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     result = predict(args.checkpoint, args.input, k=args.top_k, labels=args.labels, output=args.output,
                      feat=args.feat, split=args.split)
   except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    return cli.fail(e)
   print(result.format())
+  if args.output:
+    print(f'scores written to {args.output}')
   return 0
 
 

@@ -106,6 +106,14 @@ def _validate(scores: np.ndarray, labels: np.ndarray, frame_dirs, class_names, w
   if labels.shape != (n,):
     raise ResultsFormatError(f'{where}: labels have shape {labels.shape}, expected ({n},) to match scores '
                              f'{scores.shape}')
+  if not np.isfinite(scores).all():
+    i = int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
+    raise ResultsFormatError(f'{where}: the scores of sample {i} contain NaN or Inf ({scores[i][:6]}...); the '
+                             'model that wrote them diverged, or the file is damaged')
+  bad = np.flatnonzero((labels < 0) | (labels >= k))
+  if bad.size:
+    raise ResultsFormatError(f'{where}: label {int(labels[bad[0]])} of sample {int(bad[0])} is outside [0, {k}) '
+                             f'for {k} class scores; the labels and scores come from different label sets')
   if frame_dirs is not None:
     if len(frame_dirs) != n or not all(isinstance(f, str) for f in frame_dirs):
       raise ResultsFormatError(f'{where}: frame_dirs must be {n} strings (one per sample), got {len(frame_dirs)} '
@@ -258,7 +266,10 @@ def _load_pickle(path: str) -> Any:
 
 def _to_numpy(value: Any, path: str, what: str) -> np.ndarray:
   if type(value).__module__.split('.')[0] == 'torch':
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':   # numpy has no bfloat16: widen exactly, as the torch-free reader
+      value = value.float()
+    value = value.numpy()
   if isinstance(value, (list, tuple, int, float, np.generic, np.ndarray)):
     return np.asarray(value)
   raise ResultsFormatError(f'{path}: {what} is a {type(value).__name__}, expected a tensor or array')
@@ -287,7 +298,8 @@ def _from_mmaction2(obj: list, path: str) -> Results:
       missing = 'pred_score' if score is None else 'gt_label'
       raise ResultsFormatError(f'{path}: entry {i} has no {missing!r} (keys: {sorted(sample)}); expected '
                                "mmaction2 test results with 'pred_score' and 'gt_label'")
-    score = _to_numpy(score, path, f'entry {i} pred_score').astype(np.float32)
+    score = _to_numpy(score, path, f'entry {i} pred_score')
+    score = score.astype(np.promote_types(score.dtype, np.float32) if score.dtype.kind == 'f' else np.float32)
     label = _to_numpy(label, path, f'entry {i} gt_label')
     if score.ndim != 1:
       raise ResultsFormatError(f'{path}: entry {i} pred_score has shape {score.shape}, expected (K,)')

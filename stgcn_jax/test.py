@@ -11,7 +11,9 @@ The data settings (annotation file, split, modality, clip length) come from ``--
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -31,6 +33,19 @@ def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_
   return ml_collections.ConfigDict(meta['config'])
 
 
+def check_dump_path(dump: str) -> None:
+  """Refuses, before any evaluation, a ``--dump`` path that cannot be written."""
+  path = Path(dump)
+  if path.is_dir():
+    raise ValueError(f'--dump {dump} is a directory; name the results file, e.g. {path / "result.pkl"}')
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--dump {dump}: cannot create its folder ({e})') from None
+  if not os.access(path.parent, os.W_OK):
+    raise ValueError(f'--dump {dump}: the folder {path.parent} is not writable')
+
+
 def main(argv=None) -> int:
   from absl import flags
   from ml_collections import config_flags
@@ -48,6 +63,8 @@ def main(argv=None) -> int:
 
   def body(FLAGS) -> int:
     try:
+      if FLAGS.dump:
+        check_dump_path(FLAGS.dump)
       config = config_for(FLAGS.checkpoint, FLAGS.config)
       result = eval_lib.evaluate_checkpoint(FLAGS.checkpoint, config, split=FLAGS.split, num_clips=FLAGS.num_clips,
                                             step=FLAGS.step, for_dump=bool(FLAGS.dump))
@@ -61,8 +78,11 @@ def main(argv=None) -> int:
     for k, v in result.metrics.items():
       print(f'{k}: {v:.2f}')
     if FLAGS.dump:
-      outputs = eval_lib.write_outputs(FLAGS.dump, result.scores, ds, result.meta.get('class_names'),
-                                       {**result.meta, 'source': FLAGS.checkpoint})
+      try:
+        outputs = eval_lib.write_outputs(FLAGS.dump, result.scores, ds, result.meta.get('class_names'),
+                                         {**result.meta, 'source': FLAGS.checkpoint})
+      except (ValueError, OSError) as e:
+        return cli.fail(f'--dump {FLAGS.dump}: {e}')
       for name, path in outputs.items():
         print(f'{name}: {path}')
     return 0

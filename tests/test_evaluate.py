@@ -112,3 +112,9 @@ def test_cli_prints_accuracy_and_writes_dump_and_report(converted, ann_file, tmp
                                 timeout=600, cwd=tmp_path)
   assert not_a_folder.returncode == 2 and 'Traceback' not in not_a_folder.stderr
   assert f'--compilation_cache_dir {dump}: not a writable directory' in not_a_folder.stderr
+
+  # A --dump that cannot be written is refused before the evaluation.
+  folder = subprocess.run(cmd[:-1] + [f'--dump={tmp_path}'], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+  assert folder.returncode == 2 and 'Traceback' not in folder.stderr
+  assert f'--dump {tmp_path} is a directory; name the results file' in folder.stderr and 'top1' not in folder.stdout

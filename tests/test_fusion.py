@@ -55,11 +55,13 @@ def test_write_read_roundtrip(tmp_path):
     ({'frame_dirs': FRAME_DIRS[:2]}, 'frame_dirs must be 3 strings'),
     ({'frame_dirs': [FRAME_DIRS[0]] * 3}, 'appears more than once'),
     ({'class_names': ['a']}, 'class_names must be 3 strings'),
+    ({'labels': [0, 3, 2]}, r'label 3 of sample 1 is outside \[0, 3\) for 3 class scores'),
+    ({'scores': np.where(np.eye(3, dtype=bool)[[2, 1, 0]], np.nan, JOINT)}, 'scores of sample 0 contain NaN'),
     ({'meta': {'path': object()}}, r"meta\['path'\] is a object"),
 ])
 def test_write_refuses_inconsistent_input(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _write(tmp_path, 'bad.pkl', JOINT, **kwargs)
+    _write(tmp_path, 'bad.pkl', kwargs.pop('scores', JOINT), **kwargs)
   assert not os.path.exists(tmp_path / 'bad.pkl')
 
 
@@ -105,6 +107,31 @@ def test_read_mmaction2_dump_with_torch_tensors(tmp_path):
   np.testing.assert_array_equal(res.scores, BONE)
 
 
+def test_read_mmaction2_dump_with_bfloat16_scores(tmp_path):
+  torch = pytest.importorskip('torch')
+  path = _mmaction2_dump(tmp_path / 'mm.pkl', BONE, LABELS)
+  with open(path, 'rb') as f:
+    samples = pickle.load(f)
+  for sample in samples:
+    sample['pred_score'] = sample['pred_score'].to(torch.bfloat16)
+  with open(path, 'wb') as f:
+    pickle.dump(samples, f, protocol=2)
+  res = results_lib.read_results(path)
+  np.testing.assert_array_equal(res.scores, torch.from_numpy(BONE).to(torch.bfloat16).float().numpy())
+
+
+def test_damaged_scores_name_their_file(tmp_path, capsys):
+  a = _write(tmp_path, 'a.pkl', JOINT)
+  bad = tmp_path / 'b.pkl'
+  with open(a, 'rb') as f:
+    raw = pickle.load(f)
+  raw['scores'][1, 2] = np.nan                            # written by hand: write_results refuses it
+  bad.write_bytes(pickle.dumps(raw))
+  assert fusion.main(['--preds', str(a), str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert 'b.pkl: the scores of sample 1 contain NaN' in err
+
+
 def test_read_mmaction2_dump_without_torch(tmp_path, monkeypatch):
   pytest.importorskip('torch')
   path = _mmaction2_dump(tmp_path / 'mm.pkl', BONE, LABELS)
@@ -128,7 +155,7 @@ def test_fuse_reproduces_hand_computed_weighted_sum(tmp_path):
   j, b = _write(tmp_path, 'j.pkl', JOINT), _write(tmp_path, 'b.pkl', BONE)
   loaded = [results_lib.read_results(j), results_lib.read_results(b)]
   fused = fusion.fuse(loaded, [2, 1])
-  assert fused.dtype == np.float32
+  assert fused.dtype == np.float64
   np.testing.assert_allclose(fused, FUSED_2_1, rtol=1e-6)
   out, acc = fusion.fuse_files([j, b], [2, 1])
   np.testing.assert_allclose(out.scores, FUSED_2_1, rtol=1e-6)
@@ -136,6 +163,23 @@ def test_fuse_reproduces_hand_computed_weighted_sum(tmp_path):
   assert acc == pytest.approx({'top1': 100.0, 'mean_class': 100.0})
   _, acc_j = fusion.fuse_files([j], [1])
   assert acc_j['top1'] == pytest.approx(200 / 3)
+
+
+def test_fusion_arithmetic_is_mmaction2s():
+  # mmaction2's get_weighted_score: numpy.dot of the stacked float32 scores with float64 coefficients. Summed in
+  # float32 these two classes would tie (and argmax would pick class 0 only by position).
+  j = np.array([[0.66753626, 0.6675362]], np.float32)
+  b = np.array([[0.16501214, 0.16501218]], np.float32)
+  float32_sum = j * np.float32(2) + b
+  assert float32_sum[0, 0] == float32_sum[0, 1]
+  fused = fusion.fuse([j, b], [2, 1])
+  np.testing.assert_array_equal(fused, np.dot(np.stack([j, b]).T, np.array([2.0, 1.0])).T)
+  assert fused.dtype == np.float64 and fused[0, 0] > fused[0, 1]
+  if _importable('mmaction'):
+    from stgcn_jax import torch_reference
+    if torch_reference.import_mmaction()[0] is not None:
+      from mmaction.evaluation.functional import get_weighted_score
+      np.testing.assert_array_equal(fused, np.stack(get_weighted_score([list(j), list(b)], [2.0, 1.0])))
 
 
 def test_fuse_with_softmax_hand_computed():
@@ -198,6 +242,26 @@ def test_without_frame_dirs_labels_decide(tmp_path):
 def test_coefficient_count_must_match(tmp_path):
   with pytest.raises(ValueError, match='2 results but 3 coefficients'):
     fusion.fuse([JOINT, BONE], [1, 2, 3])
+  with pytest.raises(ValueError, match=r'coefficients \[0.0, 0.0\] are all 0'):
+    fusion.fuse([JOINT, BONE], [0, 0])
+
+
+def test_frame_dirs_compared_whichever_file_has_them(tmp_path):
+  # The first file (an mmaction2 dump) has no frame_dir: the second and third are compared with each other.
+  pytest.importorskip('torch')
+  m = _mmaction2_dump(tmp_path / 'm.pkl', BONE, LABELS)
+  a = _write(tmp_path, 'a.pkl', JOINT)
+  swapped = [FRAME_DIRS[2], FRAME_DIRS[1], FRAME_DIRS[0]]
+  b = _write(tmp_path, 'b.pkl', BONE, labels=LABELS, frame_dirs=swapped)
+  with pytest.raises(fusion.FusionMismatchError, match=r'a.pkl and .*b.pkl hold the same samples in a different '
+                                                       r'order: sample 0'):
+    fusion.fuse_files([m, a, b])
+
+
+def test_unwritable_out_is_an_error_not_a_traceback(tmp_path, capsys):
+  a = _write(tmp_path, 'a.pkl', JOINT)
+  assert fusion.main(['--preds', str(a), '--out', str(tmp_path)]) == 2
+  assert capsys.readouterr().err.startswith(f'error: --out {tmp_path}:')
 
 
 def test_cli_prints_accuracies_and_writes_out(tmp_path, capsys):

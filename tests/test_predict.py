@@ -63,7 +63,7 @@ def test_wrong_joints_or_channels_name_the_expected_layout_and_modality(tiny, tm
   np.savez(path2, input=_x((1, 1, 2, 20, 17, 2)))
   with pytest.raises(ValueError, match=r'C=2 channels but the checkpoint expects C=3 \(joint features'):
     predict.predict(directory, path2)
-  assert predict.main(['--checkpoint', str(directory), '--input', str(path)]) == 1
+  assert predict.main(['--checkpoint', str(directory), '--input', str(path)]) == 2   # README: status 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith('error:')
 
@@ -104,6 +104,55 @@ def test_per_person_data_norm_gets_its_person_count(fixtures_dir, tmp_path):
     predict.check_input(x[:, :, :2], model)
   with pytest.raises(ValueError, match=r'per person \(data_bn_type MVC\) and expects M=3 persons, got M=2'):
     model(x[:1, 0, :2])
+
+
+def test_unusable_array_inputs_are_refused_naming_the_file(tiny, tmp_path, capsys):
+  _, directory = tiny
+  cases = {'nan.npy': (_x((2, 20, 17, 3)), r'nan.npy: 1 NaN/Inf value\(s\), the first at .* = \(0, 0, 1, 2, 3, 0\)'),
+           'empty.npy': (np.zeros((0, 2, 20, 17, 3), np.float32), r'empty.npy: an empty input of shape \(0, 1, 2, '),
+           'no_frames.npy': (np.zeros((2, 0, 17, 3), np.float32), r'no_frames.npy: an empty input'),
+           'words.npy': (np.array([['a']]), r'words.npy: .*expected \(N, num_clips'),
+           'trunc.npz': (None, r'trunc.npz: not a readable .npz array of numbers \(BadZipFile'),
+           'trunc.npy': (None, r'trunc.npy: not a readable .npy array of numbers')}
+  for name, (value, message) in cases.items():
+    path = tmp_path / name
+    if name == 'nan.npy':
+      value[1, 2, 3, 0] = np.nan
+    if value is not None:
+      np.save(path, value)
+    else:                                                     # a file cut short
+      (np.savez if name.endswith('.npz') else np.save)(path, _x((2, 20, 17, 3)))
+      path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match=message):
+      predict.predict(directory, path)
+    assert predict.main(['--checkpoint', str(directory), '--input', str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err
+
+
+def test_output_file_names_and_top_k(tiny, tmp_path, capsys):
+  _, directory = tiny
+  x = tmp_path / 'x.npy'
+  np.save(x, _x((2, 20, 17, 3)))
+  out = tmp_path / 'new' / 'res.NPZ'
+  assert predict.main(['--checkpoint', str(directory), '--input', str(x), '--output', str(out)]) == 0
+  assert f'scores written to {out}' in capsys.readouterr().out
+  with np.load(out) as z:                                     # the very name given, in the format its suffix says
+    assert sorted(z.keys()) == ['logits', 'names', 'probs']
+  for bad, message in ((tmp_path / 'res.json', r"res.json': name a .npy file"), (tmp_path, 'is a directory')):
+    with pytest.raises(ValueError, match=message):
+      predict.predict(directory, x, output=bad)
+  with pytest.raises(ValueError, match='top-k must be a positive integer, got 0'):
+    predict.predict(directory, x, k=0)
+
+
+def test_labels_file_encodings(tmp_path):
+  path = tmp_path / 'names.txt'
+  path.write_bytes('\ufeffwalk\r\nrun\r\n'.encode('utf-8'))           # with a BOM, as Notepad saves it
+  assert labels.read_labels_file(path, 2) == ['walk', 'run']
+  path.write_bytes('marché\nrun\n'.encode('latin-1'))
+  with pytest.raises(ValueError, match=r'names.txt: not UTF-8 text .*save the labels file as UTF-8'):
+    labels.read_labels_file(path, 2)
 
 
 def test_annotation_file_needs_a_modality(fixtures_dir):
