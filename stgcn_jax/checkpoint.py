@@ -172,6 +172,10 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, dtype: 
     raise CheckpointError(f'{directory}: step {step} has an invalid model_config in its metadata ({_short(e)}); '
                           'not a stgcn_jax checkpoint or a damaged one') from e
   graphdef, params, stats = abstract_model_state(cfg, dtype=dtype)
+  # Onto this process's first device: without a target sharding Orbax would place the arrays on the devices they
+  # were saved from, which a host with fewer devices (training on 8 GPUs, testing on 1) does not have.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params, stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), (params, stats))
   mngr = manager(directory, read_only=True, async_save=False)
   params, stats = restore_model_state(mngr, step, params, stats, source=str(directory))
   model = nnx.merge(graphdef, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, stats))

@@ -56,10 +56,10 @@ logger = logging.getLogger('stgcn_jax.train')
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: the run was stopped by SIGTERM/SIGINT after saving; start it again
 NONFINITE_EXIT_CODE = 3
 SAVE_FAILED_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (disk full...); the previous one is intact
-# Config fields that may change between an interrupted run and its resumption.
+# Config fields that may change between an interrupted run and its resumption. (Not data.num_workers: the batches
+# do not depend on it, but the saved data-iterator state does, so a resumed run keeps its worker count.)
 RESUMABLE_CHANGES = ('max_steps', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                     'keep_checkpoints', 'async_checkpointing', 'run_test', 'data.num_workers', 'data.cache_dir',
-                     'eval_batch_size')
+                     'keep_checkpoints', 'async_checkpointing', 'run_test', 'data.cache_dir', 'eval_batch_size')
 
 
 class ConfigError(ValueError):
@@ -108,7 +108,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       'bone motion)')
   if config.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype={config.dtype!r}; use 'float32' or 'bfloat16'")
-  for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps'):
+  for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'eval_every_epochs'):
     value = config[name]
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f'config.{name}={value!r} must be a positive integer')

@@ -116,6 +116,10 @@ def test_resume_refuses_a_different_config(ann_file, tmp_path):
   with pytest.raises(train.ConfigError, match=r'different configuration.*optim.base_lr.*new --workdir'):
     train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False, **{'optim.base_lr': 0.05}),
                              tmp_path / 'w')
+  # The data-iterator state saved with each step is laid out per Grain worker.
+  with pytest.raises(train.ConfigError, match=r'different configuration \(data.num_workers: checkpoint 0 vs now 2'):
+    train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False, **{'data.num_workers': 2}),
+                             tmp_path / 'w')
 
 
 def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
@@ -127,6 +131,8 @@ def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
     train.train_and_evaluate(tiny_config(ann_file, **{'data.train_split': 'xview_train'}), tmp_path / 'c')
   with pytest.raises(train.ConfigError, match=r"feat='x'"):
     train.train_and_evaluate(tiny_config(ann_file, **{'data.feat': 'x'}), tmp_path / 'd')
+  with pytest.raises(train.ConfigError, match=r'config.eval_every_epochs=0 must be a positive integer'):
+    train.train_and_evaluate(tiny_config(ann_file, eval_every_epochs=0), tmp_path / 'e')
   assert not (tmp_path / 'a' / 'checkpoints').exists()
 
 
@@ -183,6 +189,32 @@ def test_evaluation_splits_are_checked_before_training(tmp_path):
     with pytest.raises(train.DataError, match=message):
       train.train_and_evaluate(tiny_config(path, **{**kw, **override}), tmp_path / str(i))
     assert not (tmp_path / str(i) / 'checkpoints').exists()
+
+
+def test_checkpoint_of_a_multi_device_run_loads_on_one_device(tmp_path):
+  # Saved from 8 devices with the state replicated, as training saves it; loaded by a process with one device
+  # (train on 8 GPUs, test or fine-tune on 1).
+  from stgcn_jax import steps
+  from stgcn_jax.model import ModelConfig, build_model
+  cfg = ModelConfig(num_classes=3, num_stages=2, base_channels=8, inflate_stages=(), down_stages=())
+  _, params, stats = steps.split_model(build_model(cfg, seed=1))
+  mesh = sharding_lib.make_mesh(8)
+  params_8, stats_8 = sharding_lib.replicate((params, stats), mesh)
+  assert len(jax.tree.leaves(params_8)[0].sharding.device_set) == 8
+  mngr = ckpt_lib.manager(tmp_path / 'ck', async_save=False)
+  ckpt_lib.save(mngr, 0, params=params_8, stats=stats_8, meta={'model_config': cfg.to_dict()})
+  mngr.wait_until_finished()
+  mngr.close()
+  np.savez(tmp_path / 'want.npz', *[np.asarray(x) for x in jax.tree.leaves((params, stats))])
+  code = ('import sys, jax, numpy as np; from stgcn_jax import checkpoint as c; from flax import nnx\n'
+          'model, _ = c.load_model(sys.argv[1]); want = np.load(sys.argv[2])\n'
+          'got = jax.tree.leaves((nnx.state(model, nnx.Param), nnx.state(model, ...).filter(nnx.Not(nnx.Param))))\n'
+          'assert jax.device_count() == 1 and len(got) == len(want.files)\n'
+          'print(all(np.array_equal(g, want[f"arr_{i}"]) for i, g in enumerate(got)))')
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'ck'), str(tmp_path / 'want.npz')], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0 and out.stdout.strip() == 'True', out.stderr[-2000:]
 
 
 def test_cli_rejects_unknown_config_field(tmp_path):
