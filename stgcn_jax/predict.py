@@ -8,7 +8,8 @@ Inputs (shape letters N samples, S clips, M persons, T frames, V joints, C chann
   ``(N, S, M, T, V, C)``, ``(N, M, T, V, C)`` (one clip each) or ``(M, T, V, C)`` (one sample, one clip).
   An ``.npz`` is read at key ``input`` (else ``keypoint``, else its only array).
 * an mmaction2/pyskl annotation pickle: each sample goes through the test pipeline first (prenormalise,
-  modality ``--feat``, 10 clips of 100 frames, mmaction2's deterministic test sampling).
+  modality ``--feat``, 10 clips of 100 frames, mmaction2's deterministic test sampling). Labels are not
+  needed: recorded skeletons without them, or with another label set, are predicted as well.
 
 Scores follow mmaction2's test protocol: a softmax per clip, averaged over the clips.
 """
@@ -66,12 +67,11 @@ def _as_clips(x: np.ndarray, source: str) -> np.ndarray:
                    'or (M, T, V, C)')
 
 
-def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_classes: int,
-                split: str | None = None, num_clips: int = 10, clip_len: int = 100, num_person: int = 2
-                ) -> tuple[np.ndarray, list[str]]:
+def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, split: str | None = None,
+                num_clips: int = 10, clip_len: int = 100, num_person: int = 2) -> tuple[np.ndarray, list[str]]:
   """``(x, sample_names)``: model inputs ``(N, S, M, T, V, C)`` float32 from an array file or an annotation
   pickle (run through the test pipeline with ``feat`` into clips of ``num_person`` persons; ``split`` selects
-  samples, None = all)."""
+  samples, None = all; its labels are not needed and not read)."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'input {str(path)!r} does not exist')
@@ -83,7 +83,7 @@ def load_inputs(path: str | os.PathLike, *, layout: Any, feat: str | None, num_c
     if feat is None:
       raise ValueError(f'{path}: an annotation file is run through the test pipeline, which needs the modality; '
                        f'the checkpoint does not record one, so pass --feat ({"/".join(_MODALITY)})')
-    ds = annotations.load_annotations(path, split=split, layout=layout, num_classes=num_classes, use_cache=False)
+    ds = annotations.load_annotations(path, split=split, layout=layout, num_classes=None)
     if len(ds) == 0:
       raise ValueError(f'{path}: split {split!r} holds no samples')
     x = np.stack([transforms.process_sample(ds[i], layout=layout, feat=feat, clip_len=clip_len,
@@ -198,8 +198,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *, k: 
   else:
     class_names = (meta.get('class_names') or labels_lib.class_names(cfg.num_classes)
                    or [f'class {i}' for i in range(cfg.num_classes)])
-  x, names = load_inputs(input_path, layout=cfg.layout, feat=feat or meta.get('feat'), num_classes=cfg.num_classes,
-                         split=split, num_clips=num_clips, num_person=cfg.num_person)
+  x, names = load_inputs(input_path, layout=cfg.layout, feat=feat or meta.get('feat'), split=split, num_clips=num_clips, num_person=cfg.num_person)
   check_input(x, model, meta, str(input_path))
   logits, probs = predict_arrays(model, x)
   result = PredictResult(logits, probs, names, list(class_names), top_k(probs, k, list(class_names)))

@@ -3,6 +3,8 @@ errors that name the expected layout/modality, top-k and label names."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,7 @@ def test_wrong_joints_or_channels_name_the_expected_layout_and_modality(tiny, tm
 
 def test_annotation_file_runs_the_test_pipeline(fixtures_dir, tiny):
   model, directory = tiny
-  x, names = predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat='b', num_classes=60,
+  x, names = predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat='b',
                                  split='xsub_val')
   golden = np.load(fixtures_dir / 'pipeline_2d_synth.npz')
   assert names == ['s2d_T001_M1', 's2d_T099_M1', 's2d_T150_M1_720x1280', 's2d_T064_M3_360x480']
@@ -93,7 +95,7 @@ def test_per_person_data_norm_gets_its_person_count(fixtures_dir, tmp_path):
   model = build_model(cfg, seed=1)
   ckpt_lib.write_model(tmp_path / 'mvc3', model, {'layout': 'coco', 'feat': 'j', 'source': 'test'})
   result = predict.predict(tmp_path / 'mvc3', fixtures_dir / 'ntu60_2d_synth.pkl', split='xsub_val', k=1)
-  x, _ = predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat='j', num_classes=60,
+  x, _ = predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat='j',
                              split='xsub_val', num_person=3)
   golden = np.load(fixtures_dir / 'pipeline_2d_synth.npz')
   np.testing.assert_array_equal(x[3, :, :2], golden['test/j/s2d_T064_M3_360x480'])   # M=3 sample: its third
@@ -155,9 +157,23 @@ def test_labels_file_encodings(tmp_path):
     labels.read_labels_file(path, 2)
 
 
+def test_annotation_file_labels_are_not_needed(tiny, tmp_path):
+  # Recorded skeletons without labels, or with another label set, still get predictions.
+  _, directory = tiny
+  rng = np.random.default_rng(0)
+  anns = [{'frame_dir': f'clip{i}', 'img_shape': (480, 640), 'keypoint': rng.uniform(0, 400, (1, 30, 17, 2)),
+           'keypoint_score': rng.uniform(0.5, 1, (1, 30, 17))} for i in range(3)]
+  anns[1]['label'] = 700
+  path = tmp_path / 'recorded.pkl'
+  path.write_bytes(pickle.dumps({'split': {'all': ['clip0', 'clip1', 'clip2']}, 'annotations': anns}))
+  result = predict.predict(directory, path, feat='j', split='all', k=2)
+  assert result.sample_names == ['clip0', 'clip1', 'clip2'] and result.probs.shape == (3, 60)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['recorded.pkl']   # read into memory: no cache written
+
+
 def test_annotation_file_needs_a_modality(fixtures_dir):
   with pytest.raises(ValueError, match='pass --feat'):
-    predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat=None, num_classes=60)
+    predict.load_inputs(fixtures_dir / 'ntu60_2d_synth.pkl', layout='coco', feat=None)
 
 
 def test_top_k_and_labels_file(tiny, tmp_path):

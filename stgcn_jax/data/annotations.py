@@ -265,20 +265,23 @@ def _as_img_shape(value: Any) -> tuple[int, int] | None:
   return None
 
 
-def _validate_sample(source: str, i: int, a: Any) -> tuple[np.ndarray, np.ndarray | None, int, tuple[int, int] | None]:
-  """Checks one annotation; returns (keypoint, keypoint_score or None, label, img_shape or None)."""
+def _validate_sample(source: str, i: int, a: Any, labels: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray | None, int, tuple[int, int] | None]:
+  """Checks one annotation; returns (keypoint, keypoint_score or None, label, img_shape or None). With
+  ``labels=False`` the label is optional and unchecked: -1 where it is missing or not a class index."""
   if not isinstance(a, Mapping):
     raise _fail(source, i, None, f'is a {type(a).__name__}, expected a dict with frame_dir, label, keypoint, ...')
   frame_dir = a.get('frame_dir')
-  missing = [k for k in ('frame_dir', 'label', 'keypoint') if k not in a]
+  missing = [k for k in ('frame_dir', 'label', 'keypoint') if k not in a and (labels or k != 'label')]
   if missing:
     raise _fail(source, i, frame_dir, f'missing key(s) {missing}; every annotation needs frame_dir (str), label '
                 f'(int) and keypoint (M, T, V, C) (it has {sorted(map(str, a))}). Regenerate the file or add them')
   if not isinstance(frame_dir, str):
     raise _fail(source, i, frame_dir, f'frame_dir is a {type(frame_dir).__name__}, expected a str (the sample name)')
-  label = _as_label(a['label'])
-  if label is None:
+  label = _as_label(a.get('label'))
+  if label is None and labels:
     raise _fail(source, i, frame_dir, f'label {a["label"]!r} is not an integer class index')
+  label = -1 if label is None else label
   kp = a['keypoint']
   if not isinstance(kp, np.ndarray) or kp.dtype.kind != 'f':
     kind = f'{type(kp).__name__} of {kp.dtype}' if isinstance(kp, np.ndarray) else type(kp).__name__
@@ -341,10 +344,10 @@ def _read_annotation_file(source: str) -> tuple[list[Any], dict[str, list[str]] 
   return annos, splits
 
 
-def _index_and_write(source: str, fingerprint: str, allocate) -> tuple[_FileIndex, np.ndarray]:
+def _index_and_write(source: str, fingerprint: str, allocate, labels: bool = True) -> tuple[_FileIndex, np.ndarray]:
   """Unpickles and validates ``source``; writes its keypoints into ``allocate(rows, V)``'s float32 array."""
   annos, splits = _read_annotation_file(source)
-  checked = [_validate_sample(source, i, a) for i, a in enumerate(annos)]
+  checked = [_validate_sample(source, i, a, labels) for i, a in enumerate(annos)]
   is_2d = num_joints = None
   for i, (kp, score, _, _) in enumerate(checked):
     sample_2d = score is not None
@@ -459,7 +462,7 @@ def _remove_stale(directory: Path, source: Path, keep: tuple[Path, Path]) -> Non
 
 
 def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
-                     layout: str | Layout | Mapping = 'coco', num_classes: int = 60,
+                     layout: str | Layout | Mapping = 'coco', num_classes: int | None = 60,
                      cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> SkeletonDataset:
   """Loads (and validates) one split of an mmaction2/pyskl skeleton annotation file.
 
@@ -467,7 +470,9 @@ def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
     path: the annotation pickle (``ntu60_2d.pkl``, ``ntu60_3danno.pkl``, ...).
     split: a key of the file's ``split`` dict (``xsub_train``, ``xsub_val``, ...), or None for every sample.
     layout: the skeleton layout the model uses; its number of joints must match the file's V.
-    num_classes: labels must lie in ``[0, num_classes)``.
+    num_classes: labels must lie in ``[0, num_classes)``. ``None``: the labels are not used (prediction on
+      unlabelled or foreign-labelled skeletons): optional, unchecked, -1 where missing, and the file is read
+      into memory (no cache).
     cache_dir: where to put the memory-mapped cache (default: next to the annotation file, or
       ``$STGCN_CACHE_DIR`` / ``~/.cache/stgcn_jax`` when that directory is not writable).
     use_cache: False reads the pickle into memory every time (small files, tests).
@@ -486,8 +491,9 @@ def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
     raise FileNotFoundError(f'annotation file {str(source)!r} does not exist; check the path (ann_file in the '
                             'config)')
   layout = get_layout(layout)
-  if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-    raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+  if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or num_classes < 1):
+    raise ValueError(f'num_classes must be a positive integer or None, got {num_classes!r}')
+  use_cache = use_cache and num_classes is not None
   fingerprint = annotation_fingerprint(source)
   kp_path = None
   if use_cache:
@@ -501,12 +507,13 @@ def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
     else:
       index, keypoints, kp_path = _build_cache(source, fingerprint, dirs)
   else:
-    index, keypoints = _index_and_write(str(source), fingerprint, lambda r, v: np.zeros((r, v, 3), np.float32))
-  return _select(str(source), index, keypoints, kp_path, split, layout, int(num_classes))
+    index, keypoints = _index_and_write(str(source), fingerprint, lambda r, v: np.zeros((r, v, 3), np.float32),
+                                        labels=num_classes is not None)
+  return _select(str(source), index, keypoints, kp_path, split, layout, num_classes)
 
 
 def _select(source: str, index: _FileIndex, keypoints: np.ndarray, kp_path: Path | None, split: str | None,
-            layout: Layout, num_classes: int) -> SkeletonDataset:
+            layout: Layout, num_classes: int | None) -> SkeletonDataset:
   if index.num_joints != layout.num_node:
     hint = {17: "'coco'", 25: "'nturgb+d'", 18: "'openpose'", 21: "'handmp'"}.get(index.num_joints, 'a matching one')
     raise _fail(source, None, None, f'keypoints have V={index.num_joints} joints but layout {layout.name!r} has '
@@ -532,7 +539,7 @@ def _select(source: str, index: _FileIndex, keypoints: np.ndarray, kp_path: Path
     chosen = np.array([i for i, name in enumerate(index.frame_dirs.tolist()) if name in names], dtype=np.int64)
   chosen = chosen.astype(np.int64)
   labels = index.labels[chosen]
-  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes)) if num_classes is not None else np.zeros(0, int)
   if bad.size:
     i = int(chosen[bad[0]])
     raise _fail(source, i, str(index.frame_dirs[i]), f'label {int(index.labels[i])} is outside [0, {num_classes}) '
