@@ -509,7 +509,8 @@ def load_annotations(path: str | os.PathLike, split: str | None = 'xsub_train',
   else:
     index, keypoints = _index_and_write(str(source), fingerprint, lambda r, v: np.zeros((r, v, 3), np.float32),
                                         labels=num_classes is not None)
-  return _select(str(source), index, keypoints, kp_path, split, layout, num_classes)
+  return _select(str(source), index, keypoints, kp_path, split, layout,
+                 None if num_classes is None else int(num_classes))
 
 
 def _select(source: str, index: _FileIndex, keypoints: np.ndarray, kp_path: Path | None, split: str | None,
