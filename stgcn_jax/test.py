@@ -11,7 +11,6 @@ The data settings (annotation file, split, modality, clip length) come from ``--
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -35,15 +34,14 @@ def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_
 
 def check_dump_path(dump: str) -> None:
   """Refuses, before any evaluation, a ``--dump`` path that cannot be written."""
+  from stgcn_jax.train import write_probe
   path = Path(dump)
   if path.is_dir():
     raise ValueError(f'--dump {dump} is a directory; name the results file, e.g. {path / "result.pkl"}')
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    write_probe(path.parent)
   except OSError as e:
-    raise ValueError(f'--dump {dump}: cannot create its folder ({e})') from None
-  if not os.access(path.parent, os.W_OK):
-    raise ValueError(f'--dump {dump}: the folder {path.parent} is not writable')
+    raise ValueError(f'--dump {dump}: its folder {path.parent} cannot be written ({e.strerror or e})') from None
 
 
 def main(argv=None) -> int:

@@ -228,8 +228,7 @@ class _Unpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     module, name = python3_name(module, name)
     resolver = ALLOWED_GLOBALS.get((module, name))
-    owner = ALLOWED_GLOBALS.get((module, name.split('.', 1)[0])) if '.' in name else None
-    if resolver is None and owner is not None and f'{module}.{name.split(".", 1)[0]}' in _IGNORED:
+    if resolver is None and '.' in name and f'{module}.{name.split(".", 1)[0]}' in _IGNORED:
       return _ignored(f'{module}.{name}')   # protocol 4+: a method of an ignored class, named by its qualname
     if resolver is None:
       if module == 'torch' and name.endswith('Storage'):
