@@ -5,7 +5,9 @@ network; only its head is named ``fc_cls``). PYSKL, Duan et al., arXiv 2205.0944
 
 Shape letters: N samples, S clips per sample, M persons, T frames, V joints, C channels, K adjacency subsets.
 Inputs are ``(N, M, T, V, C)`` for one clip, ``(N, S, M, T, V, C)`` for the test protocol; persons (and clips)
-fold into the batch inside the backbone: ``B = N·M``.
+fold into the batch inside the backbone: ``B = N·M``. The backbone's blocks train on channels-first
+``(C, B, T, V)`` activations and evaluate on channels-last ``(B, T, V, C)`` ones, whichever is faster
+(``stgcn_jax.layers``); the arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -132,10 +134,11 @@ class STGCNBlock(nnx.Module):
       self.residual = None
     self.residual_mode = 'none' if not residual else ('conv' if self.residual is not None else 'identity')
 
-  def __call__(self, x: Array, *, train: bool, groups: int, rng: Array | None) -> Array:
-    y = self.tcn(self.gcn(x, train=train, groups=groups), train=train, groups=groups, rng=rng)
+  def __call__(self, x: Array, *, train: bool, groups: int, rng: Array | None, channel_axis: int = -1) -> Array:
+    kw = dict(train=train, groups=groups, channel_axis=channel_axis)
+    y = self.tcn(self.gcn(x, **kw), rng=rng, **kw)
     if self.residual_mode == 'conv':
-      y = y + self.residual(x, train=train, groups=groups)
+      y = y + self.residual(x, **kw)
     elif self.residual_mode == 'identity':
       y = y + x.astype(y.dtype)
     return jax.nn.relu(y)
@@ -171,9 +174,14 @@ class STGCN(nnx.Module):
       y = self.data_bn(x.reshape(n * m, t, v * c), train=train, groups=groups)   # channel index v·C + c
       x = y.reshape(n, m, t, v, c)
     x = x.reshape(n * m, t, v, c).astype(self.dtype)          # (B, T, V, C)
+    channel_axis = 0 if train else -1                          # train channels first: faster weight gradients
+    if channel_axis == 0:
+      x = x.transpose(3, 0, 1, 2)                              # (C, B, T, V)
     keys = [None] * len(self.gcn) if rng is None else list(jax.random.split(rng, len(self.gcn)))
     for block, key in zip(self.gcn, keys):
-      x = block(x, train=train, groups=groups, rng=key)
+      x = block(x, train=train, groups=groups, rng=key, channel_axis=channel_axis)
+    if channel_axis == 0:
+      x = x.transpose(1, 2, 3, 0)
     return x.reshape((n, m) + x.shape[1:])
 
 

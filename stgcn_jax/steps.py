@@ -44,10 +44,16 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENC
 
 
 def cosine_schedule(lr: float, total_steps: int, final_lr: float = 0.0) -> optax.Schedule:
-  """mmengine ``CosineAnnealingLR(eta_min=0, by_epoch=False)``: ``lr_t = final + (lr - final)(1 + cos(πt/T))/2``."""
+  """mmengine ``CosineAnnealingLR(eta_min=0, by_epoch=False)``: ``lr_t = final + (lr - final)(1 + cos(πt/T))/2``.
+
+  Computed as ``(lr - final) · sin²(π(T − t)/(2T))``, the same value, with the steps left ``T − t`` counted in
+  integers: in float32, ``1 + cos(πt/T)`` cancels near the end of training (at ``T − t = 10`` of 25056 steps
+  it was 1.4% off), while the sine of the small angle keeps float32's relative accuracy at every step.
+  """
   def schedule(step):
-    t = jnp.minimum(step, total_steps) / max(total_steps, 1)
-    return final_lr + (lr - final_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+    left = total_steps - jnp.clip(step, 0, total_steps)
+    s = jnp.sin((jnp.pi / 2) * (left / max(total_steps, 1)))
+    return final_lr + (lr - final_lr) * (s * s)
   return schedule
 
 

@@ -53,6 +53,13 @@ def test_learning_rate_schedule_and_weight_decay_follow_the_recipe():
   for t, want in [(0, 0.1), (25, 0.1 * (1 + np.cos(np.pi / 4)) / 2), (50, 0.05), (75, 0.1 * (1 - np.cos(np.pi / 4)) / 2),
                   (100, 0.0), (130, 0.0)]:
     assert float(schedule(t)) == pytest.approx(want, rel=1e-6, abs=1e-9)   # float32 on device
+  # The NTU recipe's length: float32 keeps its relative accuracy to the last steps, where 1 + cos(πt/T) cancels.
+  total = 25056
+  long_schedule = train.make_optimizer(config, total_steps=total, global_batch=128)[1]
+  for t in [0, 1, 12528, total - 100, total - 10, total - 2, total - 1]:
+    want = 0.1 * (1 + np.cos(np.pi * t / total)) / 2
+    assert float(long_schedule(t)) == pytest.approx(want, rel=2e-6, abs=0), t
+  assert float(long_schedule(total)) == 0.0
   # Two PyTorch SGD(momentum 0.9, nesterov, wd 5e-4) steps, by hand: d = g + wd p; buf = m buf + d; p -= lr (d + m buf)
   p = {'w': jnp.array([1.0, -2.0, 0.5])}
   grads = [jnp.array([0.3, 0.1, -0.2]), jnp.array([-0.1, 0.4, 0.0])]
