@@ -48,11 +48,16 @@ class Evaluator:
         num_workers=num_workers, num_person=num_person)
     scores, seen = None, np.zeros(len(dataset), np.int64)
     for local in iterator:
-      batch = sharding_lib.global_batch({'keypoint': local['keypoint']}, self.mesh)
+      # The sample indices and the padding mask travel as global arrays sharded exactly as the clips, so that
+      # gathered, their rows line up with the gathered scores whatever order the mesh puts the processes'
+      # devices in (a mesh may interleave processes: the global rows are then not process-major).
+      batch = sharding_lib.global_batch({'keypoint': local['keypoint'],
+                                         'index': np.asarray(local['index'], np.int32),
+                                         'mask': np.asarray(local['mask'], np.int32)}, self.mesh)
       _, probs = self._step(params, stats, batch['keypoint'])
-      probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
-      index = np.asarray(multihost_utils.process_allgather(local['index'], tiled=False)).reshape(-1)
-      mask = np.asarray(multihost_utils.process_allgather(local['mask'], tiled=False)).reshape(-1)
+      probs, index, mask = (np.asarray(x) for x in multihost_utils.process_allgather(
+          (probs, batch['index'], batch['mask']), tiled=True))
+      mask = mask.astype(bool)
       if scores is None:
         scores = np.zeros((len(dataset), probs.shape[-1]), np.float32)
       scores[index[mask]] = probs[mask]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,35 @@ def test_every_sample_once_with_partial_batches(converted, ann_file, num_devices
       params, stats, ds, feat='j', layout='coco', clip_len=20, num_clips=2, batch_size=7)
   np.testing.assert_allclose(scores, one, atol=1e-6)
   assert np.all(scores.sum(1) > 0.99)          # every row filled, none left at zero
+
+
+def test_two_processes_on_an_interleaved_mesh_score_each_sample_as_one_device(tmp_path):
+  # 2 processes x 2 devices, the mesh ordered (p0 d0, p1 d0, p0 d1, p1 d1): each global batch's rows are not
+  # process-major, and the sample indices must be gathered in the scores' order.
+  from tests import multiprocess_eval
+  from tests.train_utils import write_random_annotations
+  ann_file = write_random_annotations(tmp_path / 'tiny_2d.pkl')          # 11 validation samples
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=str(ROOT))
+  out = tmp_path / 'scores.npz'
+  procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multiprocess_eval.py'), f'127.0.0.1:{port}', '2',
+                             str(i), str(ann_file), str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  scores = np.load(out)['scores']
+  graphdef, params, stats, dataset, mcfg = multiprocess_eval.model_state(ann_file)
+  want = eval_lib.Evaluator(graphdef, sharding_lib.make_mesh(1)).predict(
+      params, stats, dataset, feat='j', layout=mcfg.layout, clip_len=16, num_clips=1, batch_size=11,
+      num_person=mcfg.num_person)
+  assert scores.shape == want.shape == (11, 4)
+  gaps = np.abs(want[:, None] - want[None]).max(-1) + np.eye(11)
+  assert gaps.min() > 1e-4             # every two samples' scores differ by far more than the tolerance below
+  np.testing.assert_allclose(scores, want, atol=1e-6)
 
 
 def test_modality_mismatch_is_refused(converted, ann_file):
