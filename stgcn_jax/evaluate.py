@@ -39,9 +39,10 @@ class Evaluator:
   def predict(self, params, stats, dataset, *, feat: str, layout: Any, clip_len: int, num_clips: int,
               batch_size: int, num_workers: int = 0, num_person: int = pipeline.NUM_PERSON) -> np.ndarray:
     """Clip-averaged class probabilities ``(len(dataset), K)`` in dataset order, on every process; clips of
-    ``num_person`` persons (the model's)."""
+    ``num_person`` persons (the model's). ``batch_size`` (global, samples) is rounded up to a multiple of the
+    device count (:func:`stgcn_jax.sharding.eval_batch_size`): the scores do not depend on it."""
     n_proc = jax.process_count()
-    sharding_lib.check_batch_size(batch_size, self.mesh)
+    batch_size = sharding_lib.eval_batch_size(batch_size, self.mesh)
     iterator = pipeline.make_eval_iterator(
         dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips,
         batch_size=batch_size // n_proc, shard_index=jax.process_index(), shard_count=n_proc,

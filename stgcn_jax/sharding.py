@@ -78,6 +78,16 @@ def check_batch_size(global_batch: int, mesh: Mesh, *, bn_group_size: int = 0) -
                        'config.bn_group_size to a divisor of the per-device batch, or 0 for global statistics')
 
 
+def eval_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """The evaluation batch for ``batch_size`` requested on ``mesh``: rounded up to a multiple of the device and
+  process counts. Evaluation pads and masks partial batches, so its batch is only how many samples go through
+  at once: the scores are the same whatever it is, and any positive size works on any number of devices."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f'evaluation batch size {batch_size!r} must be a positive integer (config.eval_batch_size)')
+  step = np.lcm(mesh.devices.size, jax.process_count())
+  return int(-(-batch_size // step) * step)
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Process-local numpy rows -> global arrays sharded along ``'data'`` (every process passes its own rows)."""
   sharding = batch_sharding(mesh)

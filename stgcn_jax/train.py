@@ -423,9 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   try:
     sharding_lib.check_batch_size(config.batch_size, mesh, bn_group_size=config.bn_group_size)
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh)
   except ValueError as e:
-    raise ConfigError(f'{e} (config.batch_size / config.eval_batch_size / config.bn_group_size)') from e
+    raise ConfigError(f'{e} (config.batch_size / config.bn_group_size)') from e
 
   train_ds = load_data(config, mcfg, config.data.train_split)
   if not train_ds.is_2d:

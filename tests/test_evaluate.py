@@ -108,6 +108,27 @@ def test_two_processes_on_an_interleaved_mesh_score_each_sample_as_one_device(tm
   np.testing.assert_allclose(scores, want, atol=1e-6)
 
 
+def test_eval_batch_is_rounded_up_to_the_device_count(tmp_path):
+  # A checkpoint's eval_batch_size need not divide the devices it is tested on: the batch is rounded up (pads
+  # are masked), and the scores are those of one device.
+  from tests import multiprocess_eval
+  from tests.train_utils import write_random_annotations
+  assert [sharding_lib.eval_batch_size(b, sharding_lib.make_mesh(4)) for b in (1, 4, 6, 8, 9)] == [4, 4, 8, 8, 12]
+  for bad in (0, -3, 2.5, True):
+    with pytest.raises(ValueError, match='must be a positive integer'):
+      sharding_lib.eval_batch_size(bad, sharding_lib.make_mesh(4))
+  graphdef, params, stats, dataset, mcfg = multiprocess_eval.model_state(
+      write_random_annotations(tmp_path / 'tiny_2d.pkl'))
+  kwargs = dict(feat='j', layout=mcfg.layout, clip_len=16, num_clips=2, num_person=mcfg.num_person)
+  want = eval_lib.Evaluator(graphdef, sharding_lib.make_mesh(1)).predict(params, stats, dataset, batch_size=11,
+                                                                          **kwargs)
+  for num_devices, batch in ((4, 6), (8, 3)):
+    mesh = sharding_lib.make_mesh(num_devices)
+    scores = eval_lib.Evaluator(graphdef, mesh).predict(*sharding_lib.replicate((params, stats), mesh), dataset,
+                                                        batch_size=batch, **kwargs)
+    np.testing.assert_allclose(scores, want, atol=1e-6)
+
+
 def test_modality_mismatch_is_refused(converted, ann_file):
   with pytest.raises(ValueError, match=r"modality 'j' but config.data.feat is 'b'.*--config.data.feat=j"):
     eval_lib.evaluate_checkpoint(converted, _config(ann_file, feat='b'))
