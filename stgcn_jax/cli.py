@@ -31,8 +31,10 @@ def add_config_root(argv: list[str]) -> None:
 def define_distributed_flags(flags) -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-host runs (default: '
                       'auto-detected from SLURM / Open MPI / TPU / JAX_COORDINATOR_ADDRESS).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process index (multi-host, with --coordinator_address).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, with --coordinator_address and '
+                       '--process_id).')
+  flags.DEFINE_integer('process_id', None, 'This process index, 0..N-1 (multi-host, with --coordinator_address and '
+                       '--num_processes).')
 
 
 def use_compilation_cache(path: str) -> Path:
@@ -87,7 +89,11 @@ def run(body: Callable[[Any], int | None], argv: list[str] | None = None) -> int
       except ValueError as e:
         status = fail(e)
         return
-    sharding_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+      sharding_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+      status = fail(e)
+      return
     status = body(FLAGS) or 0
 
   try:

@@ -285,6 +285,50 @@ def test_two_processes_match_one_process_with_eight_devices(ann_file, tmp_path):
   assert [s for s, _ in _losses(workdir)] == [s for s, _ in _losses(ref)]
 
 
+def test_partial_multi_process_flags_are_refused(monkeypatch, tmp_path):
+  for var in sharding_lib.CLUSTER_VARS + ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(var, raising=False)
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: called.append(kw))
+  cases = [((None, 2, 1), r'^--num_processes=2 --process_id=1 also needs --coordinator_address: '),
+           (('127.0.0.1:1234', None, None), r'^--coordinator_address=127.0.0.1:1234 also needs --num_processes and '
+                                            r'--process_id: '),
+           ((None, None, 3), r'^--process_id=3 also needs --coordinator_address and --num_processes'),
+           (('127.0.0.1:1234', 2, 2), r'--process_id=2 must be at least 0 and below --num_processes=2'),
+           (('127.0.0.1:1234', 0, 0), r'--num_processes=0 must be at least 1'),
+           (('localhost', 2, 0), r"--coordinator_address='localhost' must be HOST:PORT")]
+  for args, message in cases:
+    with pytest.raises(ValueError, match=message):
+      sharding_lib.maybe_initialize_distributed(*args)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
+  with pytest.raises(ValueError, match=r'^JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 also needs --num_processes'):
+    sharding_lib.maybe_initialize_distributed()
+  assert called == []
+  # A single process, or all three (here from flags and variables together), go through.
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  sharding_lib.maybe_initialize_distributed(None, 1, 0)
+  sharding_lib.maybe_initialize_distributed()
+  assert called == []
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  sharding_lib.maybe_initialize_distributed('127.0.0.1:1234', 2)
+  assert called == [dict(coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)]
+  # In a cluster environment jax.distributed.initialize() fills in what the flags leave out.
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  sharding_lib.maybe_initialize_distributed(None, None, None)
+  assert called[-1] == dict(coordinator_address=None, num_processes=None, process_id=None)
+
+  # On the command line: status 2 and the message, before anything is written.
+  monkeypatch.delenv('SLURM_NTASKS')
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', STGCN_JAX_HOST_MALLOC='system')
+  out = subprocess.run([sys.executable, '-m', 'stgcn_jax.train', '--config', str(ROOT / 'configs' / 'demo.py'),
+                        f'--workdir={tmp_path / "w"}', '--num_processes=2', '--process_id=1'],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'error: --num_processes=2 --process_id=1 also needs --coordinator_address' in out.stderr
+  assert not (tmp_path / 'w').exists()
+
+
 def test_train_step_traces_once_and_bfloat16_keeps_float32_state(ann_file):
   mesh = sharding_lib.make_mesh(2)
   losses = {}
