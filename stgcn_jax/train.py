@@ -460,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if latest is not None:
     _, meta = ckpt_lib.read_meta(ckpt_dir, latest)
     check_resume_compatible(meta.get('config', {}), config, workdir)
+    ckpt_lib.check_data_processes(ckpt_dir, latest)
 
   optimizer, schedule = make_optimizer(config, total_steps, config.batch_size)
   graphdef, state, state_sharding = create_train_state(config, mcfg, mesh, optimizer)

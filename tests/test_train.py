@@ -120,6 +120,16 @@ def test_resume_refuses_a_different_config(ann_file, tmp_path):
   with pytest.raises(train.ConfigError, match=r'different configuration \(data.num_workers: checkpoint 0 vs now 2'):
     train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False, **{'data.num_workers': 2}),
                              tmp_path / 'w')
+  # ... and per process: a step written by 3 processes (their file names) is not resumed by 1, and the error
+  # says so, not that the step is damaged.
+  data = tmp_path / 'w' / 'checkpoints' / '2' / 'data'
+  state = (data / 'process_0-of-1.json').read_text()
+  (data / 'process_0-of-1.json').unlink()
+  for i in range(3):
+    (data / f'process_{i}-of-3.json').write_text(state)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'/2 was written by a run of 3 processes and this run has 1: '
+                     r'.*Resume with 3 processes \(--num_processes=3\), or start a new --workdir'):
+    train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False), tmp_path / 'w')
 
 
 def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
