@@ -85,6 +85,7 @@ class EvalResult:
   metrics: dict[str, float]   # top1 / top5 / mean_class, percent
   dataset: Any                # the SkeletonDataset evaluated
   meta: dict[str, Any]        # the checkpoint's metadata
+  num_clips: int = 0          # clips per sample evaluated
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.ConfigDict, *, split: str | None = None,
@@ -95,8 +96,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   The model (architecture, layout, classes) comes from the checkpoint; ``config.data`` gives the annotation
   file, the modality ``feat``, ``clip_len`` and the defaults for ``split`` (``test_split``) and ``num_clips``
   (``test_clips``). ``for_dump``: the scores will be written as a results file, so a split that names a
-  ``frame_dir`` twice is refused before the evaluation starts.
+  ``frame_dir`` twice is refused before the evaluation starts. ``num_clips`` (None: the config's) must be a
+  positive integer (``ValueError``).
   """
+  num_clips = config.data.test_clips if num_clips is None else num_clips
+  if isinstance(num_clips, bool) or not isinstance(num_clips, (int, np.integer)) or num_clips < 1:
+    raise ValueError(f'num_clips must be a positive integer, got {num_clips!r} (--num_clips, or '
+                     'config.data.test_clips)')
   model, meta = ckpt_lib.load_model(checkpoint, step)
   feat = config.data.feat
   if meta.get('feat') and meta['feat'] != feat:
@@ -113,9 +119,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   params, stats = sharding_lib.replicate((params, stats), mesh)
   scores = Evaluator(graphdef, mesh).predict(
       params, stats, dataset, feat=feat, layout=cfg.layout, clip_len=config.data.clip_len,
-      num_clips=num_clips or config.data.test_clips, batch_size=config.eval_batch_size,
+      num_clips=num_clips, batch_size=config.eval_batch_size,
       num_workers=config.data.num_workers, num_person=cfg.num_person)
-  return EvalResult(scores, summarize(scores, dataset.labels), dataset, meta)
+  return EvalResult(scores, summarize(scores, dataset.labels), dataset, meta, int(num_clips))
 
 
 def write_outputs(dump: str | os.PathLike, scores: np.ndarray, dataset, class_names, meta: dict[str, Any]

@@ -129,6 +129,15 @@ def test_eval_batch_is_rounded_up_to_the_device_count(tmp_path):
     np.testing.assert_allclose(scores, want, atol=1e-6)
 
 
+def test_zero_clips_is_refused_not_defaulted(converted, ann_file):
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match=rf'num_clips must be a positive integer, got {bad} \(--num_clips'):
+      eval_lib.evaluate_checkpoint(converted, _config(ann_file), num_clips=bad)
+  config = _config(ann_file, test_clips=0)
+  with pytest.raises(ValueError, match=r'num_clips must be a positive integer, got 0 .*config.data.test_clips'):
+    eval_lib.evaluate_checkpoint(converted, config)
+
+
 def test_modality_mismatch_is_refused(converted, ann_file):
   with pytest.raises(ValueError, match=r"modality 'j' but config.data.feat is 'b'.*--config.data.feat=j"):
     eval_lib.evaluate_checkpoint(converted, _config(ann_file, feat='b'))
@@ -170,3 +179,8 @@ def test_cli_prints_accuracy_and_writes_dump_and_report(converted, ann_file, tmp
                           cwd=tmp_path)
   assert folder.returncode == 2 and 'Traceback' not in folder.stderr
   assert f'--dump {tmp_path} is a directory; name the results file' in folder.stderr and 'top1' not in folder.stdout
+
+  # Zero clips is refused as negative counts are, not replaced by the config's test_clips.
+  zero = subprocess.run(cmd[:-1] + ['--num_clips=0'], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert zero.returncode == 2 and 'Traceback' not in zero.stderr and 'top1' not in zero.stdout
+  assert 'error: --num_clips=0: clips per sample must be a positive integer' in zero.stderr
