@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -109,6 +110,50 @@ def test_resume_after_interruption_matches_uninterrupted_run(ann_file, tmp_path)
   assert _losses(part)[-7:] == _losses(full)[-7:]   # steps 6..12, bitwise
   for a, b in zip(_final_params(full)[0], _final_params(part)[0]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_records_do_not_depend_on_checkpoints_or_resumption(ann_file, tmp_path, monkeypatch):
+  # 3 steps per epoch, 12 steps, a record every 4 steps and at each epoch's end: windows 1-3, 4, 5-6, 7-8, 9,
+  # 10-12. Saves inside a window (steps 5 and 10), and a run preempted at step 11 and resumed, log the same
+  # records.
+  def records(workdir):
+    out = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    for r in out:
+      r.pop('samples_per_s', None)
+    return out
+
+  common = dict(num_epochs=4, log_every_steps=4, run_test=False)
+  train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'plain')
+  train.train_and_evaluate(tiny_config(ann_file, **common, checkpoint_every_steps=5), tmp_path / 'saves')
+  jit_train_step = train.jit_train_step
+
+  def preempted_in_step_11(*args, **kwargs):
+    step_fn, calls = jit_train_step(*args, **kwargs), []
+
+    def step(*a):
+      calls.append(1)
+      if len(calls) == 11:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(*a)
+    return step
+  monkeypatch.setattr(train, 'jit_train_step', preempted_in_step_11)
+  with pytest.raises(train.Preempted) as stopped:
+    train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'resumed')
+  assert stopped.value.step == 11
+  monkeypatch.setattr(train, 'jit_train_step', jit_train_step)
+  train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'resumed')
+  train.train_and_evaluate(tiny_config(ann_file, num_epochs=4, log_every_steps=1, run_test=False), tmp_path / 'each')
+
+  plain = records(tmp_path / 'plain')
+  assert [r['step'] for r in plain if 'loss' in r] == [3, 4, 6, 8, 9, 12]
+  assert records(tmp_path / 'saves') == plain
+  assert records(tmp_path / 'resumed') == plain
+  # Each record is the mean of its window's steps, and its last learning rate.
+  each = {r['step']: r for r in records(tmp_path / 'each') if 'loss' in r}
+  last = {r['step']: r for r in plain if 'loss' in r}[12]
+  assert last['loss'] == pytest.approx(np.mean([each[s]['loss'] for s in (10, 11, 12)]), rel=1e-12)
+  assert last['top1'] == pytest.approx(np.mean([each[s]['top1'] for s in (10, 11, 12)]), rel=1e-12)
+  assert last['lr'] == each[12]['lr'] and last['epoch'] == each[12]['epoch'] == 4
 
 
 def test_resume_refuses_a_different_config(ann_file, tmp_path):
