@@ -104,3 +104,37 @@ def test_mmaction2_imports_without_its_multimodal_models(benchmark, monkeypatch,
   finally:
     for name in [n for n in sys.modules if n == 'mmaction' or n.startswith('mmaction.')]:
       del sys.modules[name]
+
+
+@pytest.fixture(scope='module')
+def bench_pipeline():
+  spec = importlib.util.spec_from_file_location('stgcn_bench_pipeline', _SCRIPTS / 'bench_pipeline.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('argv,message', [(['--runs', '0'], '--runs must be positive, got 0'),
+                                          (['--batch', '0', '--samples', '4'], '--batch must be positive, got 0'),
+                                          (['--batch', '-1'], '--batch must be positive, got -1'),
+                                          (['--samples', '0'], '--samples must be positive, got 0')])
+def test_bench_pipeline_rejects_bad_counts(bench_pipeline, argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench_pipeline.main(argv + ['--dims', '2d'])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_pipeline_cpu_speedup_compares_like_with_like(bench_pipeline):
+  ours = {'ms_per_sample': 2.0, 'cpu_ms_per_sample': 1.0}
+  measured = bench_pipeline.cpu_speedup({'ms_per_sample': 8.0, 'cpu_ms_per_sample': 4.0}, ours)
+  assert measured['cpu_speedup_vs_mmaction2'] == 4.0 and 'both measured here' in measured['cpu_speedup_basis']
+  stored = bench_pipeline.cpu_speedup({'ms_per_sample': 8.0, 'source': 'fixtures README'}, ours)
+  assert stored['cpu_speedup_vs_mmaction2'] == 8.0 and 'wall time' in stored['cpu_speedup_basis']
+  # A run: mmaction2 measured here (when installed) is compared in CPU time with ours.
+  out = bench_pipeline.main(['--samples', '16', '--batch', '16', '--runs', '1', '--dims', '2d', '--json'])
+  for row in out['results']:
+    mm, grain = row['mmaction2'], row['grain']
+    if 'cpu_ms_per_sample' in mm:
+      assert row['cpu_speedup_vs_mmaction2'] == mm['cpu_ms_per_sample'] / grain['cpu_ms_per_sample']
+    else:
+      assert row['cpu_speedup_vs_mmaction2'] == mm['ms_per_sample'] / grain['cpu_ms_per_sample']
