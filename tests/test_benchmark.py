@@ -1,6 +1,7 @@
 """scripts/benchmark.py's timing harness: steps per timed call, alternation, per-step times."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -138,3 +139,22 @@ def test_bench_pipeline_cpu_speedup_compares_like_with_like(bench_pipeline):
       assert row['cpu_speedup_vs_mmaction2'] == mm['cpu_ms_per_sample'] / grain['cpu_ms_per_sample']
     else:
       assert row['cpu_speedup_vs_mmaction2'] == mm['ms_per_sample'] / grain['cpu_ms_per_sample']
+
+
+def test_stored_mmaction2_figures_are_compared_only_at_their_batch_and_dtype(benchmark, tmp_path):
+  def row(kind, batch, infer, train, **extra):
+    return {'kind': kind, 'batch': batch, 'inference': {'samples_per_s': infer},
+            'train_step': {'samples_per_s': train}, **extra}
+  path = tmp_path / 'bench_cpu.json'
+  path.write_text(json.dumps({'runs': [[row('2d', 16, 12.0, 3.5), row('3d', 16, 8.0, 2.0)],
+                                       [row('2d', 16, 13.0, 3.0), row('2d', 4, 50.0, 9.0, dtype='bfloat16')]]}))
+  rates, why = benchmark._reference_rates(16, 'float32', path)
+  assert rates == {'2d': {'inference': 13.0, 'train_step': 3.5}, '3d': {'inference': 8.0, 'train_step': 2.0}}
+  assert why == ''
+  assert benchmark._reference_rates(4, 'bfloat16', path)[0] == {'2d': {'inference': 50.0, 'train_step': 9.0}}
+  for batch, dtype in ((2, 'float32'), (16, 'bfloat16'), (4, 'float32')):
+    rates, why = benchmark._reference_rates(batch, dtype, path)
+    assert rates == {}
+    assert why == (f'bench_cpu.json holds batch 16 float32, batch 4 bfloat16 figures and this run is batch {batch} '
+                   f'{dtype}: no ratio (run with those settings, or with mmaction2 installed, to compare)')
+  assert benchmark._reference_rates(16, 'float32', tmp_path / 'none.json') == ({}, 'none.json not found')
