@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ml_collections
+
+from stgcn_jax import files
 
 __all__ = ['PublishedStream', 'PUBLISHED_NTU60_XSUB_2D', 'PUBLISHED_FUSION_NTU60_XSUB_2D', 'NTU60_2D_ANN_URL',
            'STREAM_NAMES', 'download', 'checkpoint_sources', 'prepare_checkpoint', 'eval_config', 'available_fusions',
@@ -72,7 +73,7 @@ def download(url: str, dest_dir: str | os.PathLike, *, filename: str | None = No
       print(f'{path} already downloaded')
     return path
   dest_dir.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f'.{name}.', suffix='.part')
+  fd, tmp = files.mkstemp(dir=dest_dir, prefix=f'.{name}.', suffix='.part')
   try:
     with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
       total = int(response.headers.get('Content-Length') or 0)
