@@ -144,11 +144,18 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
 def read_meta(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """``(step, meta)`` of the latest (or the given) step in a checkpoint directory."""
   directory = Path(directory)
+  if directory.is_file():
+    raise CheckpointError(
+        f'{directory} is a file, not a checkpoint directory; a PyTorch checkpoint (.pth) is converted first: '
+        f'python convert/from_torch.py {directory} --out DIR, then give DIR')
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint directory')
   mngr = manager(directory, read_only=True, async_save=False)
   steps = mngr.all_steps()
   if not steps:
+    inner = directory / 'checkpoints'
+    if inner.is_dir():
+      raise CheckpointError(f'{directory} is a training workdir; its checkpoints are in {inner}: give that folder')
     raise CheckpointError(f'{directory}: holds no complete checkpoint step (expected <dir>/<step>/model and meta); '
                           'convert a PyTorch checkpoint with convert/from_torch.py or train first')
   step = max(steps) if step is None else step

@@ -138,6 +138,24 @@ def test_zero_clips_is_refused_not_defaulted(converted, ann_file):
     eval_lib.evaluate_checkpoint(converted, config)
 
 
+def test_checkpoint_that_is_a_pth_file_or_a_workdir_says_what_to_give(fixtures_dir, converted, tmp_path):
+  pth = fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth'
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf'{pth} is a file, not a checkpoint directory; a PyTorch '
+                     rf'checkpoint \(.pth\) is converted first: python convert/from_torch.py {pth} --out DIR'):
+    ckpt_lib.read_meta(pth)
+  workdir = tmp_path / 'run'
+  shutil.copytree(converted, workdir / 'checkpoints')
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf'{workdir} is a training workdir; its checkpoints are in '
+                     rf'{workdir / "checkpoints"}: give that folder'):
+    ckpt_lib.load_model(workdir)
+  assert ckpt_lib.read_meta(workdir / 'checkpoints')[0] == 0
+  out = subprocess.run([sys.executable, '-m', 'stgcn_jax.test', '--checkpoint', str(pth),
+                        '--config', str(ROOT / 'configs' / 'ntu60_2d_joint.py')], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path, env=dict(os.environ, STGCN_JAX_HOST_MALLOC='system'))
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert f'error: {pth} is a file, not a checkpoint directory' in out.stderr
+
+
 def test_modality_mismatch_is_refused(converted, ann_file):
   with pytest.raises(ValueError, match=r"modality 'j' but config.data.feat is 'b'.*--config.data.feat=j"):
     eval_lib.evaluate_checkpoint(converted, _config(ann_file, feat='b'))
