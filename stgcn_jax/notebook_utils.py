@@ -2,8 +2,9 @@
 preparation, the evaluation config and the accuracy-comparison table.
 
 The notebook stays a sequence of library calls (convert, evaluate, fuse, report); what is here is only what
-has no better home: the mmaction2 model-zoo URLs and reported numbers (SPEC §2, NTU60 XSub 2D), a resumable
-download that never leaves a partial file under the final name, "convert unless already converted", and the
+has no better home: the mmaction2 model-zoo URLs and reported numbers (SPEC §2, NTU60 XSub 2D), a download
+that never leaves a partial file under the final name (an interrupted one starts again from the first byte on
+the next call), "convert unless already converted", and the
 ``config.data`` fields that :func:`stgcn_jax.evaluate.evaluate_checkpoint` reads.
 """
 
