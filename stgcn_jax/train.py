@@ -570,6 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     pending.clear()
     elapsed = time.perf_counter() - t_window
     record = {k: float(np.mean(np.array([m[k] for m in fetched], np.float64))) for k in fetched[0]}
+    record['top1'] *= 100            # percent, as val_top1 / test_top1
     record['lr'] = fetched[-1]['lr']
     record['samples_per_s'] = n_window * config.batch_size / max(elapsed, 1e-9)
     record['epoch'] = last / steps_per_epoch + 1 / steps_per_epoch

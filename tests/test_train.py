@@ -153,6 +153,15 @@ def test_metrics_records_do_not_depend_on_checkpoints_or_resumption(ann_file, tm
   last = {r['step']: r for r in plain if 'loss' in r}[12]
   assert last['loss'] == pytest.approx(np.mean([each[s]['loss'] for s in (10, 11, 12)]), rel=1e-12)
   assert last['top1'] == pytest.approx(np.mean([each[s]['top1'] for s in (10, 11, 12)]), rel=1e-12)
+  # Accuracies are percentages, training's as validation's: the mean over 1-3 batches of 8 samples, so a multiple
+  # of 12.5 / 6.
+  for r in plain:
+    for key in ('top1', 'val_top1'):
+      if key in r:
+        assert 0 <= r[key] <= 100, r
+    if 'top1' in r:
+      assert abs(r['top1'] * 6 / 12.5 - round(r['top1'] * 6 / 12.5)) < 1e-9, r
+  assert any(r.get('top1', 0) > 1 for r in plain)
   assert last['lr'] == each[12]['lr'] and last['epoch'] == each[12]['epoch'] == 4
 
 
