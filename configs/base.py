@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=0.1, reference_batch=128, auto_scale_lr=True, momentum=0.9, nesterov=True, weight_decay=5e-4))
   config.batch_size = 128           # global, over all devices and hosts (16 per GPU × 8 GPUs in the paper)
-  config.eval_batch_size = 64       # global, samples (each with val_clips / test_clips clips)
+  config.eval_batch_size = 64       # global, samples (each with val_clips / test_clips clips); rounded up to a
+                                    # multiple of the device count (evaluation pads and masks: same scores)
   config.num_epochs = 16
   config.max_steps = -1             # stop early after this many steps (-1: the full schedule)
   # BatchNorm statistics: per group of this many samples, as the reference's un-synchronised BN over 16

@@ -4,7 +4,8 @@
 
 The architecture is read from the tensors; ``--layout`` / ``--config`` name the skeleton layout (and the
 modality) for the data side when they cannot be guessed. torch is not needed, and nothing in the file is
-executed. The library function is :func:`stgcn_jax.convert.convert_checkpoint`.
+executed. The library function is :func:`stgcn_jax.convert.convert_checkpoint`. A file that cannot be
+converted (truncated, garbled, foreign, crafted) or an ``--out`` that exists: one ``error:`` line, status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                                         feat=args.feat, check=args.check)
   except (ValueError, OSError) as e:   # every conversion error is a ValueError subclass naming the file
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2                           # a broken or foreign input, as every command line reports it
   print(result.summary())
   return 0
 

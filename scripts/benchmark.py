@@ -8,7 +8,8 @@ one process, alternating iteration by iteration so that load from other jobs hit
 - the same two for the genuine mmaction2 model (``model.train_step`` with an mmengine ``OptimWrapper`` /
   ``eval`` + ``no_grad`` backbone and head), when ``torch`` and ``mmaction`` import, with
   ``torch.set_num_threads(--torch-threads)``, on the GPU when JAX runs on one (``--torch-device``); otherwise,
-  on the CPU, the reference figures of ``fixtures/mmaction2/bench_cpu.json`` (the same box, idle) are quoted.
+  on the CPU, the reference figures of ``fixtures/mmaction2/bench_cpu.json`` (the same box, idle) are quoted
+  when they were measured at the run's batch and dtype (batch 16, float32), and no ratio is given otherwise.
 
 On an accelerator each timed iteration runs ``--steps-per-iter`` steps back to back (default 10) and waits for
 the last, as a training loop does; on the CPU each is one step after an untimed pause.
@@ -233,18 +234,25 @@ class MMAction2:
     self.sync()
 
 
-def _reference_rates() -> dict[str, dict[str, float]]:
-  """Median samples/s of the stored mmaction2 runs (best of the runs), per kind."""
-  if not REFERENCE.exists():
-    return {}
-  runs = json.loads(REFERENCE.read_text())['runs']
+def _reference_rates(batch: int, dtype: str, path: Path = REFERENCE) -> tuple[dict[str, dict[str, float]], str]:
+  """Median samples/s of the stored mmaction2 runs (best of the runs), per kind, of the rows measured at this
+  run's ``batch`` and ``dtype`` (rows without a ``dtype`` are torch's default, float32): a ratio against
+  figures of another batch or dtype would compare different work. Returns ``(rates, why)``; ``why`` says
+  why there are none."""
+  if not path.exists():
+    return {}, f'{path.name} not found'
+  rows = [row for run in json.loads(path.read_text())['runs'] for row in run]
+  matching = [row for row in rows if row.get('batch') == batch and row.get('dtype', 'float32') == dtype]
   out: dict[str, dict[str, float]] = {}
-  for run in runs:
-    for row in run:
-      best = out.setdefault(row['kind'], {'inference': 0.0, 'train_step': 0.0})
-      for what in best:
-        best[what] = max(best[what], row[what]['samples_per_s'])
-  return out
+  for row in matching:
+    best = out.setdefault(row['kind'], {'inference': 0.0, 'train_step': 0.0})
+    for what in best:
+      best[what] = max(best[what], row[what]['samples_per_s'])
+  if out:
+    return out, ''
+  stored = sorted({f"batch {row.get('batch')} {row.get('dtype', 'float32')}" for row in rows})
+  return {}, (f"{path.name} holds {', '.join(stored) or 'no'} figures and this run is batch {batch} {dtype}: "
+              'no ratio (run with those settings, or with mmaction2 installed, to compare)')
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -310,13 +318,13 @@ def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
       'cpu_count': os.cpu_count(), 'matmul_peak_gflops': peak / 1e9, 'host_malloc': host_malloc, 'kinds': {}}
   mmaction, why = (None, '--skip-torch') if args.skip_torch else import_mmaction(args.torch_threads)
   # The stored mmaction2 figures were measured on the 2-core CPU machine: quoted only against a CPU run.
-  reference = _reference_rates() if on_cpu else {}
+  reference, unmatched = _reference_rates(args.batch, args.dtype) if on_cpu else ({}, '')
   if mmaction is not None:
     result['mmaction2_source'] = f'measured here (torch {torch_device})'
   elif reference:
     result['mmaction2_source'] = f'{REFERENCE.name} (not measured here: {why})'
   else:
-    result['mmaction2_source'] = f'none (not measured here: {why})'
+    result['mmaction2_source'] = f'none (not measured here: {why}' + (f'; {unmatched})' if unmatched else ')')
   with tempfile.TemporaryDirectory() as tmp:
     for kind in args.kinds:
       ours = Ours(kind, args.batch, args.dtype)
@@ -334,6 +342,8 @@ def run(args: argparse.Namespace, host_malloc: str) -> dict[str, Any]:
       row['xla_memory'] = ours.memory
       mm_rates = ({'train_step': row['mm_train']['samples_per_s'], 'inference': row['mm_infer']['samples_per_s']}
                   if mmaction is not None else reference.get(kind))
+      if mmaction is None and reference and not mm_rates:
+        row['mmaction2_note'] = f'{REFERENCE.name} has no {kind} figures at batch {args.batch} {args.dtype}: no ratio'
       if mm_rates:
         row['mmaction2_samples_per_s'] = mm_rates
         row['train_ratio'] = row['ours_train']['samples_per_s'] / mm_rates['train_step']

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -97,6 +98,27 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params, stats, meta: dict[st
   return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
+def check_data_processes(directory: str | os.PathLike, step: int) -> None:
+  """Refuses to resume ``<directory>/<step>`` in a run of another process count than the one that wrote it.
+
+  Each process saves its own data-iterator state (``data/process_<i>-of-<n>.json``, Grain's layout), and each
+  reads back the file of its index among as many processes: a run with another count finds none to read.
+  """
+  data = Path(directory) / str(step) / DATA
+  if not data.is_dir():
+    return
+  counts = sorted({int(m.group(1)) for m in (re.fullmatch(r'process_\d+-of-(\d+)\.json', p.name)
+                                             for p in data.iterdir()) if m})
+  now = jax.process_count()
+  if counts and now not in counts:
+    saved = ' or '.join(str(c) for c in counts)
+    raise CheckpointError(
+        f'{Path(directory) / str(step)} was written by a run of {saved} process{"es" if counts != [1] else ""} '
+        f'and this run has {now}: the saved data-iterator state is per process and cannot be resumed with another '
+        f'count. Resume with {saved} process{"es" if counts != [1] else ""} (--num_processes={counts[0]}), or '
+        'start a new --workdir (--config.init_from can start it from this checkpoint\'s weights)')
+
+
 def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
   """Restores a training checkpoint into ``state`` (its structure and shardings) and ``iterator`` (in place).
 
@@ -106,13 +128,14 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
   args = {MODEL: ocp.args.StandardRestore({'params': like(state.params), 'stats': like(state.stats)}),
           OPT: ocp.args.StandardRestore({'step': like(state.step), 'opt_state': like(state.opt_state)}),
           DATA: grain.checkpoint.CheckpointRestore(iterator)}
+  check_data_processes(mngr.directory, step)
   _quiet_orphaned_reads()
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:   # tensorstore / JSON / Grain errors of every kind: the step cannot be used
     raise CheckpointError(f'{Path(mngr.directory) / str(step)} cannot be restored into this run: it is corrupt '
-                          f'(damaged or truncated files) or from another architecture, optimiser or number of '
-                          f'processes ({_short(e)}). Delete that step directory to resume from the previous '
+                          f'(damaged or truncated files) or from another architecture or optimiser '
+                          f'({_short(e)}). Delete that step directory to resume from the previous '
                           'step, or use a new --workdir') from e
   model, opt = out[MODEL], out[OPT]
   return type(state)(opt['step'], model['params'], model['stats'], opt['opt_state']), out[DATA]
@@ -121,11 +144,18 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, state, iterator):
 def read_meta(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """``(step, meta)`` of the latest (or the given) step in a checkpoint directory."""
   directory = Path(directory)
+  if directory.is_file():
+    raise CheckpointError(
+        f'{directory} is a file, not a checkpoint directory; a PyTorch checkpoint (.pth) is converted first: '
+        f'python convert/from_torch.py {directory} --out DIR, then give DIR')
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint directory')
   mngr = manager(directory, read_only=True, async_save=False)
   steps = mngr.all_steps()
   if not steps:
+    inner = directory / 'checkpoints'
+    if inner.is_dir():
+      raise CheckpointError(f'{directory} is a training workdir; its checkpoints are in {inner}: give that folder')
     raise CheckpointError(f'{directory}: holds no complete checkpoint step (expected <dir>/<step>/model and meta); '
                           'convert a PyTorch checkpoint with convert/from_torch.py or train first')
   step = max(steps) if step is None else step

@@ -39,20 +39,26 @@ class Evaluator:
   def predict(self, params, stats, dataset, *, feat: str, layout: Any, clip_len: int, num_clips: int,
               batch_size: int, num_workers: int = 0, num_person: int = pipeline.NUM_PERSON) -> np.ndarray:
     """Clip-averaged class probabilities ``(len(dataset), K)`` in dataset order, on every process; clips of
-    ``num_person`` persons (the model's)."""
+    ``num_person`` persons (the model's). ``batch_size`` (global, samples) is rounded up to a multiple of the
+    device count (:func:`stgcn_jax.sharding.eval_batch_size`): the scores do not depend on it."""
     n_proc = jax.process_count()
-    sharding_lib.check_batch_size(batch_size, self.mesh)
+    batch_size = sharding_lib.eval_batch_size(batch_size, self.mesh)
     iterator = pipeline.make_eval_iterator(
         dataset, feat=feat, layout=layout, clip_len=clip_len, num_clips=num_clips,
         batch_size=batch_size // n_proc, shard_index=jax.process_index(), shard_count=n_proc,
         num_workers=num_workers, num_person=num_person)
     scores, seen = None, np.zeros(len(dataset), np.int64)
     for local in iterator:
-      batch = sharding_lib.global_batch({'keypoint': local['keypoint']}, self.mesh)
+      # The sample indices and the padding mask travel as global arrays sharded exactly as the clips, so that
+      # gathered, their rows line up with the gathered scores whatever order the mesh puts the processes'
+      # devices in (a mesh may interleave processes: the global rows are then not process-major).
+      batch = sharding_lib.global_batch({'keypoint': local['keypoint'],
+                                         'index': np.asarray(local['index'], np.int32),
+                                         'mask': np.asarray(local['mask'], np.int32)}, self.mesh)
       _, probs = self._step(params, stats, batch['keypoint'])
-      probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
-      index = np.asarray(multihost_utils.process_allgather(local['index'], tiled=False)).reshape(-1)
-      mask = np.asarray(multihost_utils.process_allgather(local['mask'], tiled=False)).reshape(-1)
+      probs, index, mask = (np.asarray(x) for x in multihost_utils.process_allgather(
+          (probs, batch['index'], batch['mask']), tiled=True))
+      mask = mask.astype(bool)
       if scores is None:
         scores = np.zeros((len(dataset), probs.shape[-1]), np.float32)
       scores[index[mask]] = probs[mask]
@@ -79,6 +85,7 @@ class EvalResult:
   metrics: dict[str, float]   # top1 / top5 / mean_class, percent
   dataset: Any                # the SkeletonDataset evaluated
   meta: dict[str, Any]        # the checkpoint's metadata
+  num_clips: int = 0          # clips per sample evaluated
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.ConfigDict, *, split: str | None = None,
@@ -89,8 +96,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   The model (architecture, layout, classes) comes from the checkpoint; ``config.data`` gives the annotation
   file, the modality ``feat``, ``clip_len`` and the defaults for ``split`` (``test_split``) and ``num_clips``
   (``test_clips``). ``for_dump``: the scores will be written as a results file, so a split that names a
-  ``frame_dir`` twice is refused before the evaluation starts.
+  ``frame_dir`` twice is refused before the evaluation starts. ``num_clips`` (None: the config's) must be a
+  positive integer (``ValueError``).
   """
+  num_clips = config.data.test_clips if num_clips is None else num_clips
+  if isinstance(num_clips, bool) or not isinstance(num_clips, (int, np.integer)) or num_clips < 1:
+    raise ValueError(f'num_clips must be a positive integer, got {num_clips!r} (--num_clips, or '
+                     'config.data.test_clips)')
   model, meta = ckpt_lib.load_model(checkpoint, step)
   feat = config.data.feat
   if meta.get('feat') and meta['feat'] != feat:
@@ -107,9 +119,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config: ml_collections.Co
   params, stats = sharding_lib.replicate((params, stats), mesh)
   scores = Evaluator(graphdef, mesh).predict(
       params, stats, dataset, feat=feat, layout=cfg.layout, clip_len=config.data.clip_len,
-      num_clips=num_clips or config.data.test_clips, batch_size=config.eval_batch_size,
+      num_clips=num_clips, batch_size=config.eval_batch_size,
       num_workers=config.data.num_workers, num_person=cfg.num_person)
-  return EvalResult(scores, summarize(scores, dataset.labels), dataset, meta)
+  return EvalResult(scores, summarize(scores, dataset.labels), dataset, meta, int(num_clips))
 
 
 def write_outputs(dump: str | os.PathLike, scores: np.ndarray, dataset, class_names, meta: dict[str, Any]

@@ -2,8 +2,9 @@
 preparation, the evaluation config and the accuracy-comparison table.
 
 The notebook stays a sequence of library calls (convert, evaluate, fuse, report); what is here is only what
-has no better home: the mmaction2 model-zoo URLs and reported numbers (SPEC §2, NTU60 XSub 2D), a resumable
-download that never leaves a partial file under the final name, "convert unless already converted", and the
+has no better home: the mmaction2 model-zoo URLs and reported numbers (SPEC §2, NTU60 XSub 2D), a download
+that never leaves a partial file under the final name (an interrupted one starts again from the first byte on
+the next call), "convert unless already converted", and the
 ``config.data`` fields that :func:`stgcn_jax.evaluate.evaluate_checkpoint` reads.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -20,8 +20,11 @@ from pathlib import Path
 
 import ml_collections
 
+from stgcn_jax import files
+
 __all__ = ['PublishedStream', 'PUBLISHED_NTU60_XSUB_2D', 'PUBLISHED_FUSION_NTU60_XSUB_2D', 'NTU60_2D_ANN_URL',
-           'STREAM_NAMES', 'download', 'prepare_checkpoint', 'eval_config', 'available_fusions', 'accuracy_table']
+           'STREAM_NAMES', 'download', 'checkpoint_sources', 'prepare_checkpoint', 'eval_config', 'available_fusions',
+           'accuracy_table']
 
 _ZOO = 'https://download.openmmlab.com/mmaction/v1.0/skeleton/stgcnpp/'
 NTU60_2D_ANN_URL = 'https://download.openmmlab.com/mmaction/v1.0/skeleton/data/ntu60_2d.pkl'
@@ -71,7 +74,7 @@ def download(url: str, dest_dir: str | os.PathLike, *, filename: str | None = No
       print(f'{path} already downloaded')
     return path
   dest_dir.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f'.{name}.', suffix='.part')
+  fd, tmp = files.mkstemp(dir=dest_dir, prefix=f'.{name}.', suffix='.part')
   try:
     with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
       total = int(response.headers.get('Content-Length') or 0)
@@ -94,6 +97,23 @@ def download(url: str, dest_dir: str | os.PathLike, *, filename: str | None = No
   if not quiet:
     print(f'downloaded {url} -> {path}')
   return path
+
+
+def checkpoint_sources(checkpoint_path: str | os.PathLike | Mapping[str, str | os.PathLike], feats: Sequence[str]
+                       ) -> dict[str, str | os.PathLike]:
+  """The checkpoint of each stream in ``feats`` that ``CHECKPOINT_PATH`` gives: one path for every stream, or a
+  dict ``{feat: path}``, which must hold every stream of ``feats`` (raises ``ValueError`` naming the missing
+  ones, before anything is converted)."""
+  if not isinstance(checkpoint_path, Mapping):
+    return {feat: checkpoint_path for feat in feats}
+  missing = [feat for feat in feats if feat not in checkpoint_path]
+  if missing:
+    names = ', '.join(f'{feat!r} ({STREAM_NAMES.get(feat, feat)})' for feat in missing)
+    raise ValueError(f'CHECKPOINT_PATH has no checkpoint for stream{"s" if len(missing) > 1 else ""} {names} of '
+                     f'FEATS = {list(feats)}; it has {sorted(checkpoint_path)}. Add '
+                     f'{", ".join(f"{feat!r}: path" for feat in missing)} to CHECKPOINT_PATH, or set FEATS to the '
+                     'streams it has')
+  return {feat: checkpoint_path[feat] for feat in feats}
 
 
 def prepare_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, feat: str) -> Path:
@@ -139,11 +159,15 @@ def eval_config(ann_file: str | os.PathLike, feat: str, *, split: str = 'xsub_va
   """The fields of ``configs/base.py`` that :func:`stgcn_jax.evaluate.evaluate_checkpoint` reads.
 
   Defaults are the published test protocol: 10 clips of 100 frames on ``xsub_val``. ``batch_size`` is global
-  (samples, each with ``num_clips`` clips) and must be a multiple of the device count.
+  (samples, each with ``num_clips`` clips); the evaluation rounds it up to a multiple of the device count.
+  ``num_clips``, ``clip_len`` and ``batch_size`` must be positive integers (``ValueError``).
   """
   if feat not in STREAM_NAMES:
     raise ValueError(f'feat must be one of {sorted(STREAM_NAMES)} (joint, bone, joint motion, bone motion), got '
                      f'{feat!r}')
+  for name, value in (('num_clips', num_clips), ('clip_len', clip_len), ('batch_size', batch_size)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'{name} must be a positive integer, got {value!r}')
   return ml_collections.ConfigDict(dict(
       data=dict(ann_file=str(ann_file), feat=feat, clip_len=int(clip_len), test_split=split,
                 test_clips=int(num_clips), cache_dir=str(cache_dir), num_workers=int(num_workers)),

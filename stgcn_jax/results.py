@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stgcn_jax import safe_pickle
+from stgcn_jax import files, safe_pickle
 
 __all__ = ['FORMAT', 'Results', 'ResultsFormatError', 'write_results', 'read_results']
 
@@ -152,7 +152,7 @@ def write_results(path: str | os.PathLike, scores, labels, frame_dirs: Sequence[
              'class_names': class_names, 'meta': _plain(dict(meta or {}), '')}
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  fd, tmp = files.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
   try:
     with os.fdopen(fd, 'wb') as f:
       pickle.dump(payload, f, protocol=4)

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
   config_flags.DEFINE_config_file('config', None, 'Config file naming the data (configs/*.py).', lock_config=True)
 
   def body(FLAGS) -> int:
+    if FLAGS.num_clips is not None and FLAGS.num_clips < 1:
+      return cli.fail(f'--num_clips={FLAGS.num_clips}: clips per sample must be a positive integer (leave the flag '
+                      'out for the config\'s test_clips, 10 in the published protocol)')
     try:
       if FLAGS.dump:
         check_dump_path(FLAGS.dump)
@@ -71,8 +74,7 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:
       return 0
     ds = result.dataset
-    clips = FLAGS.num_clips or config.data.test_clips
-    print(f'{ds.source} split {ds.split!r}: {len(ds)} samples, {clips} clip(s) each')
+    print(f'{ds.source} split {ds.split!r}: {len(ds)} samples, {result.num_clips} clip(s) each')
     for k, v in result.metrics.items():
       print(f'{k}: {v:.2f}')
     if FLAGS.dump:

@@ -396,6 +396,11 @@ def _prepare_demo(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices('demo dataset')
 
 
+# The checkpoint's ``meta`` key holding the metrics of the steps after the last metrics record (a resumed run
+# logs them in its first record, as an uninterrupted run would).
+METRICS_WINDOW = 'metrics_window'
+
+
 def _meta(config, mcfg: ModelConfig, class_names) -> dict[str, Any]:
   return {'model_config': mcfg.to_dict(), 'source': 'stgcn_jax.train', 'feat': config.data.feat,
           'layout': mcfg.to_dict()['layout'],
@@ -423,9 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   try:
     sharding_lib.check_batch_size(config.batch_size, mesh, bn_group_size=config.bn_group_size)
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh)
   except ValueError as e:
-    raise ConfigError(f'{e} (config.batch_size / config.eval_batch_size / config.bn_group_size)') from e
+    raise ConfigError(f'{e} (config.batch_size / config.bn_group_size)') from e
 
   train_ds = load_data(config, mcfg, config.data.train_split)
   if not train_ds.is_2d:
@@ -458,9 +462,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=config.keep_checkpoints, best_metric='val_top1',
                           async_save=config.async_checkpointing)
   latest = mngr.latest_step()
+  open_window: list[dict[str, Any]] = []
   if latest is not None:
     _, meta = ckpt_lib.read_meta(ckpt_dir, latest)
     check_resume_compatible(meta.get('config', {}), config, workdir)
+    ckpt_lib.check_data_processes(ckpt_dir, latest)
+    open_window = meta.get(METRICS_WINDOW) or []
 
   optimizer, schedule = make_optimizer(config, total_steps, config.batch_size)
   graphdef, state, state_sharding = create_train_state(config, mcfg, mesh, optimizer)
@@ -509,8 +516,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     nonlocal saved_step
     if step == saved_step:     # e.g. a signal right after a scheduled save: that checkpoint is the one
       return
+    fetch_pending()            # nothing from a non-finite step is saved
+    # The steps logged since the last metrics record go with the checkpoint, so that a run resumed from it logs
+    # the same record at the next log step as a run that never stopped.
+    window = [{'step': s, **m} for s, m in pending]
     try:
-      ckpt_lib.save(mngr, step, params=state.params, stats=state.stats, meta=meta,
+      ckpt_lib.save(mngr, step, params=state.params, stats=state.stats, meta={**meta, METRICS_WINDOW: window},
                     opt={'step': state.step, 'opt_state': state.opt_state}, data=iterator, metrics=metrics,
                     force=force)
     except OSError as e:       # also a failed earlier asynchronous save, reported here
@@ -525,15 +536,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   step = int(jax.device_get(state.step))
   results: dict[str, Any] = {}
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  # The steps since the last metrics record: (step index, metrics), on the device until fetched. A resumed run
+  # starts with those the checkpoint kept (host floats).
+  pending: list[tuple[int, dict[str, Any]]] = [
+      (int(r['step']), {k: float(v) for k, v in r.items() if k != 'step'}) for r in open_window]
   bar = _progress(is_main, stop_step, step)
   t_window, n_window = time.perf_counter(), 0
 
-  def flush_metrics():
-    """Fetches the metrics of the steps since the last call; raises on a non-finite loss."""
-    nonlocal t_window, n_window
+  def fetch_pending():
+    """Fetches the pending steps' metrics to the host (as floats, kept pending); raises on a non-finite loss."""
     if not pending:
-      return None
+      return
     fetched = jax.device_get([m for _, m in pending])
     first = pending[0][0]
     for (s, _), m in zip(pending, fetched):
@@ -543,14 +556,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f'the training {what} became non-finite (loss {float(m["loss"])}) at step {s + 1} (window of steps {first + 1}..'
             f'{pending[-1][0] + 1}); the last checkpoint (step {mngr.latest_step()}) is intact. Lower '
             'config.optim.base_lr, check the input data for extreme values, or use config.dtype=float32')
+    pending[:] = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, fetched)]
+
+  def flush_metrics():
+    """The metrics record of the steps since the last one (means, in float64; the last learning rate; the
+    samples/s of this process's steps, not counting evaluations and saves); raises on a non-finite loss."""
+    nonlocal t_window, n_window
+    if not pending:
+      return None
+    fetch_pending()
+    fetched = [m for _, m in pending]
+    last = pending[-1][0]
     pending.clear()
     elapsed = time.perf_counter() - t_window
-    record = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    record['lr'] = float(fetched[-1]['lr'])
+    record = {k: float(np.mean(np.array([m[k] for m in fetched], np.float64))) for k in fetched[0]}
+    record['top1'] *= 100            # percent, as val_top1 / test_top1
+    record['lr'] = fetched[-1]['lr']
     record['samples_per_s'] = n_window * config.batch_size / max(elapsed, 1e-9)
-    record['epoch'] = s / steps_per_epoch + 1 / steps_per_epoch
+    record['epoch'] = last / steps_per_epoch + 1 / steps_per_epoch
     t_window, n_window = time.perf_counter(), 0
     return record
+
+  class _Paused:
+    """Leaves the time spent inside (evaluations, saves) out of the window's samples/s."""
+    def __enter__(self):
+      self.start = time.perf_counter()
+    def __exit__(self, *exc):
+      nonlocal t_window
+      t_window += time.perf_counter() - self.start
+  paused = _Paused()
 
   with _SignalFlag() as signals, _FinishSavesOnError(mngr):
     while step < stop_step:
@@ -571,18 +605,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       save_now = (end_of_epoch if not config.checkpoint_every_steps else step % config.checkpoint_every_steps == 0)
       metrics_for_ckpt = None
       if eval_now:
-        flush_metrics()
-        _, val = evaluate(val_ds, config.data.val_clips)
+        fetch_pending()
+        with paused:
+          _, val = evaluate(val_ds, config.data.val_clips)
         results['val'] = val
         writer.write(step, {f'val_{k}': v for k, v in val.items()} | {'epoch': epoch})
         logger.info('epoch %d step %d: val %s', epoch, step, _fmt(val))
         metrics_for_ckpt = {'val_top1': val['top1']}
       if save_now or eval_now or step == stop_step:
-        flush_metrics()
-        save(step, metrics_for_ckpt)
+        with paused:
+          save(step, metrics_for_ckpt)
       check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0 or save_now
       if check_signal and _agree(signals.signum) and step < stop_step:
-        flush_metrics()
         save(step, force=True)
         wait_for_saves()
         bar.close()

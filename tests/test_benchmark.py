@@ -1,6 +1,7 @@
 """scripts/benchmark.py's timing harness: steps per timed call, alternation, per-step times."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -104,3 +105,56 @@ def test_mmaction2_imports_without_its_multimodal_models(benchmark, monkeypatch,
   finally:
     for name in [n for n in sys.modules if n == 'mmaction' or n.startswith('mmaction.')]:
       del sys.modules[name]
+
+
+@pytest.fixture(scope='module')
+def bench_pipeline():
+  spec = importlib.util.spec_from_file_location('stgcn_bench_pipeline', _SCRIPTS / 'bench_pipeline.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('argv,message', [(['--runs', '0'], '--runs must be positive, got 0'),
+                                          (['--batch', '0', '--samples', '4'], '--batch must be positive, got 0'),
+                                          (['--batch', '-1'], '--batch must be positive, got -1'),
+                                          (['--samples', '0'], '--samples must be positive, got 0')])
+def test_bench_pipeline_rejects_bad_counts(bench_pipeline, argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench_pipeline.main(argv + ['--dims', '2d'])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_pipeline_cpu_speedup_compares_like_with_like(bench_pipeline):
+  ours = {'ms_per_sample': 2.0, 'cpu_ms_per_sample': 1.0}
+  measured = bench_pipeline.cpu_speedup({'ms_per_sample': 8.0, 'cpu_ms_per_sample': 4.0}, ours)
+  assert measured['cpu_speedup_vs_mmaction2'] == 4.0 and 'both measured here' in measured['cpu_speedup_basis']
+  stored = bench_pipeline.cpu_speedup({'ms_per_sample': 8.0, 'source': 'fixtures README'}, ours)
+  assert stored['cpu_speedup_vs_mmaction2'] == 8.0 and 'wall time' in stored['cpu_speedup_basis']
+  # A run: mmaction2 measured here (when installed) is compared in CPU time with ours.
+  out = bench_pipeline.main(['--samples', '16', '--batch', '16', '--runs', '1', '--dims', '2d', '--json'])
+  for row in out['results']:
+    mm, grain = row['mmaction2'], row['grain']
+    if 'cpu_ms_per_sample' in mm:
+      assert row['cpu_speedup_vs_mmaction2'] == mm['cpu_ms_per_sample'] / grain['cpu_ms_per_sample']
+    else:
+      assert row['cpu_speedup_vs_mmaction2'] == mm['ms_per_sample'] / grain['cpu_ms_per_sample']
+
+
+def test_stored_mmaction2_figures_are_compared_only_at_their_batch_and_dtype(benchmark, tmp_path):
+  def row(kind, batch, infer, train, **extra):
+    return {'kind': kind, 'batch': batch, 'inference': {'samples_per_s': infer},
+            'train_step': {'samples_per_s': train}, **extra}
+  path = tmp_path / 'bench_cpu.json'
+  path.write_text(json.dumps({'runs': [[row('2d', 16, 12.0, 3.5), row('3d', 16, 8.0, 2.0)],
+                                       [row('2d', 16, 13.0, 3.0), row('2d', 4, 50.0, 9.0, dtype='bfloat16')]]}))
+  rates, why = benchmark._reference_rates(16, 'float32', path)
+  assert rates == {'2d': {'inference': 13.0, 'train_step': 3.5}, '3d': {'inference': 8.0, 'train_step': 2.0}}
+  assert why == ''
+  assert benchmark._reference_rates(4, 'bfloat16', path)[0] == {'2d': {'inference': 50.0, 'train_step': 9.0}}
+  for batch, dtype in ((2, 'float32'), (16, 'bfloat16'), (4, 'float32')):
+    rates, why = benchmark._reference_rates(batch, dtype, path)
+    assert rates == {}
+    assert why == (f'bench_cpu.json holds batch 16 float32, batch 4 bfloat16 figures and this run is batch {batch} '
+                   f'{dtype}: no ratio (run with those settings, or with mmaction2 installed, to compare)')
+  assert benchmark._reference_rates(16, 'float32', tmp_path / 'none.json') == ({}, 'none.json not found')

@@ -227,7 +227,7 @@ def test_malicious_pickle_is_refused_and_nothing_written(tmp_path, capsys):
   with zipfile.ZipFile(pth, 'w') as zf:
     zf.writestr('evil/data.pkl', pickle.dumps({'state_dict': _Evil(f'touch {marker}')}, protocol=2))
   out = tmp_path / 'out'
-  assert _cli()([str(pth), '--out', str(out)]) == 1
+  assert _cli()([str(pth), '--out', str(out)]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1
   assert err.startswith(f'error: {pth}: refused to load the global {os.system.__module__}.system')
@@ -239,7 +239,7 @@ def test_truncated_checkpoint_is_refused_and_nothing_written(fixtures_dir, tmp_p
   pth = tmp_path / 'cut.pth'
   pth.write_bytes((fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth').read_bytes()[:3_000_000])
   out = tmp_path / 'out'
-  assert _cli()([str(pth), '--out', str(out)]) == 1
+  assert _cli()([str(pth), '--out', str(out)]) == 2
   assert f'error: {pth}: corrupted or truncated zip archive' in capsys.readouterr().err
   _assert_nothing_written(out)
 
@@ -271,7 +271,7 @@ def test_existing_out_and_bad_arguments(fixtures_dir, tmp_path, capsys):
   pth = fixtures_dir / 'stgcnpp_ntu60_2d_ref.pth'
   out = tmp_path / 'exists'
   out.mkdir()
-  assert _cli()([str(pth), '--out', str(out)]) == 1
+  assert _cli()([str(pth), '--out', str(out)]) == 2
   assert 'already exists' in capsys.readouterr().err
   assert list(out.iterdir()) == []
   with pytest.raises(convert.StateDictError, match="layout 'nturgb\\+d' has 25 joints but the checkpoint has 17"):

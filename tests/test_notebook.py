@@ -196,3 +196,57 @@ def test_prepare_checkpoint_converts_once_and_checks_the_modality(tmp_path, fixt
   assert not (tmp_path / 'unused').exists()
   with pytest.raises(FileNotFoundError, match='missing.pth'):
     nbu.prepare_checkpoint(tmp_path / 'missing.pth', tmp_path / 'x', feat='j')
+
+
+def _run_code_cells(tmp_path, assignments: str) -> dict:
+  """Runs the notebook's code cells in this process (as a kernel would, without one) with the parameters cell
+  followed by ``assignments``; returns the namespace."""
+  nb = _read()
+  namespace: dict = {}
+  for cell in (c for c in nb.cells if c.cell_type == 'code'):
+    source = cell.source + ('\n' + assignments if 'parameters' in cell.metadata.get('tags', []) else '')
+    exec(compile(source, f'<notebook cell {nb.cells.index(cell)}>', 'exec'), namespace)
+  return namespace
+
+
+@pytest.fixture(scope='module')
+def two_stream_checkpoints(tmp_path_factory):
+  """Two 4-class checkpoints (joint, joint motion) whose class names differ, and an annotation file."""
+  from stgcn_jax import checkpoint as ckpt_lib, train
+  from tests.train_utils import tiny_config, write_random_annotations
+  root = tmp_path_factory.mktemp('two_streams')
+  ann_file = write_random_annotations(root / 'tiny_2d.pkl')
+  config = tiny_config(ann_file)
+  paths, names = {}, {}
+  for seed, feat in enumerate(('j', 'jm')):
+    names[feat] = [f'{feat}-class{k}' for k in range(4)]
+    model = train.build_model(train.model_config(config), seed=seed)
+    paths[feat] = str(ckpt_lib.write_model(root / feat, model, {'feat': feat, 'class_names': names[feat]}))
+  return ann_file, paths, names
+
+
+def test_notebook_reports_a_single_stream_with_its_own_class_names(two_stream_checkpoints, tmp_path):
+  # No published fusion of j and jm: the last cell reports the first stream, with that stream's names (not
+  # those of the stream evaluated last).
+  ann_file, paths, names = two_stream_checkpoints
+  ns = _run_code_cells(tmp_path, '\n'.join([
+      'OFFLINE = True', f'CHECKPOINT_PATH = {paths!r}', f'DATA_PATH = {str(ann_file)!r}', "FEATS = ['j', 'jm']",
+      f'WORK_DIR = {str(tmp_path / "work")!r}', 'NUM_CLIPS = 1', 'EVAL_BATCH_SIZE = 8']))
+  assert ns['fused'] == {} and ns['name'] == 'joint'
+  assert ns['names'] == names['j']
+  rows = (tmp_path / 'work' / 'results' / 'report_joint_per_class.csv').read_text().splitlines()
+  assert [row.split(',')[1] for row in rows[1:]] == names['j'], rows
+  assert results_lib.read_results(tmp_path / 'work' / 'results' / 'jm.pkl').class_names == names['jm']
+
+
+def test_notebook_refuses_a_checkpoint_dict_without_a_stream_and_zero_clips(two_stream_checkpoints, tmp_path):
+  ann_file, paths, _ = two_stream_checkpoints
+  common = ['OFFLINE = True', f'DATA_PATH = {str(ann_file)!r}', f'WORK_DIR = {str(tmp_path / "work")!r}',
+            "FEATS = ['j', 'jm', 'b']"]
+  with pytest.raises(ValueError, match=r"CHECKPOINT_PATH has no checkpoint for stream 'b' \(bone\) of FEATS = "
+                                       r"\['j', 'jm', 'b'\]; it has \['j', 'jm'\]. Add 'b': path"):
+    _run_code_cells(tmp_path, '\n'.join(common + [f'CHECKPOINT_PATH = {paths!r}']))
+  assert not (tmp_path / 'work' / 'converted').exists()           # refused before converting anything
+  for zero in ('NUM_CLIPS = 0', 'EVAL_BATCH_SIZE = 0'):
+    with pytest.raises(ValueError, match=r'(num_clips|batch_size) must be a positive integer, got 0'):
+      _run_code_cells(tmp_path, '\n'.join(common + [f'CHECKPOINT_PATH = {paths!r}', zero]))

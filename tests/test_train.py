@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -118,6 +119,59 @@ def test_resume_after_interruption_matches_uninterrupted_run(ann_file, tmp_path)
     np.testing.assert_array_equal(a, b)
 
 
+def test_metrics_records_do_not_depend_on_checkpoints_or_resumption(ann_file, tmp_path, monkeypatch):
+  # 3 steps per epoch, 12 steps, a record every 4 steps and at each epoch's end: windows 1-3, 4, 5-6, 7-8, 9,
+  # 10-12. Saves inside a window (steps 5 and 10), and a run preempted at step 11 and resumed, log the same
+  # records.
+  def records(workdir):
+    out = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    for r in out:
+      r.pop('samples_per_s', None)
+    return out
+
+  common = dict(num_epochs=4, log_every_steps=4, run_test=False)
+  train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'plain')
+  train.train_and_evaluate(tiny_config(ann_file, **common, checkpoint_every_steps=5), tmp_path / 'saves')
+  jit_train_step = train.jit_train_step
+
+  def preempted_in_step_11(*args, **kwargs):
+    step_fn, calls = jit_train_step(*args, **kwargs), []
+
+    def step(*a):
+      calls.append(1)
+      if len(calls) == 11:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(*a)
+    return step
+  monkeypatch.setattr(train, 'jit_train_step', preempted_in_step_11)
+  with pytest.raises(train.Preempted) as stopped:
+    train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'resumed')
+  assert stopped.value.step == 11
+  monkeypatch.setattr(train, 'jit_train_step', jit_train_step)
+  train.train_and_evaluate(tiny_config(ann_file, **common), tmp_path / 'resumed')
+  train.train_and_evaluate(tiny_config(ann_file, num_epochs=4, log_every_steps=1, run_test=False), tmp_path / 'each')
+
+  plain = records(tmp_path / 'plain')
+  assert [r['step'] for r in plain if 'loss' in r] == [3, 4, 6, 8, 9, 12]
+  assert records(tmp_path / 'saves') == plain
+  assert records(tmp_path / 'resumed') == plain
+  # Each record is the mean of its window's steps, and its last learning rate.
+  each = {r['step']: r for r in records(tmp_path / 'each') if 'loss' in r}
+  last = {r['step']: r for r in plain if 'loss' in r}[12]
+  assert last['loss'] == pytest.approx(np.mean([each[s]['loss'] for s in (10, 11, 12)]), rel=1e-12)
+  assert last['top1'] == pytest.approx(np.mean([each[s]['top1'] for s in (10, 11, 12)]), rel=1e-12)
+  # Accuracies are percentages, training's as validation's: the mean over 1-3 batches of 8 samples, so a multiple
+  # of 12.5 / 6.
+  for r in plain:
+    for key in ('top1', 'val_top1'):
+      if key in r:
+        assert 0 <= r[key] <= 100, r
+    if 'top1' in r:
+      assert abs(r['top1'] * 6 / 12.5 - round(r['top1'] * 6 / 12.5)) < 1e-9, r
+  assert any(r.get('top1', 0) > 1 for r in plain)
+  assert last['lr'] == each[12]['lr'] and last['epoch'] == each[12]['epoch'] == 4
+
+
 def test_resume_refuses_a_different_config(ann_file, tmp_path):
   train.train_and_evaluate(tiny_config(ann_file, max_steps=2, run_test=False), tmp_path / 'w')
   with pytest.raises(train.ConfigError, match=r'different configuration.*optim.base_lr.*new --workdir'):
@@ -127,6 +181,16 @@ def test_resume_refuses_a_different_config(ann_file, tmp_path):
   with pytest.raises(train.ConfigError, match=r'different configuration \(data.num_workers: checkpoint 0 vs now 2'):
     train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False, **{'data.num_workers': 2}),
                              tmp_path / 'w')
+  # ... and per process: a step written by 3 processes (their file names) is not resumed by 1, and the error
+  # says so, not that the step is damaged.
+  data = tmp_path / 'w' / 'checkpoints' / '2' / 'data'
+  state = (data / 'process_0-of-1.json').read_text()
+  (data / 'process_0-of-1.json').unlink()
+  for i in range(3):
+    (data / f'process_{i}-of-3.json').write_text(state)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'/2 was written by a run of 3 processes and this run has 1: '
+                     r'.*Resume with 3 processes \(--num_processes=3\), or start a new --workdir'):
+    train.train_and_evaluate(tiny_config(ann_file, max_steps=4, run_test=False), tmp_path / 'w')
 
 
 def test_bad_configs_fail_before_compiling(ann_file, tmp_path):
@@ -225,12 +289,30 @@ def test_checkpoint_of_a_multi_device_run_loads_on_one_device(tmp_path):
 
 
 def test_cli_rejects_unknown_config_field(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'stgcn_jax.train', '--config', str(ROOT / 'configs' / 'base.py'),
-                           '--workdir', str(tmp_path), '--config.optim.lr=0.1'],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-  assert result.returncode != 0
-  assert "lr" in result.stderr and ('does not exist' in result.stderr or 'not found' in result.stderr.lower()
-                                    or 'KeyError' in result.stderr or 'AttributeError' in result.stderr)
+  env = dict(os.environ, STGCN_JAX_HOST_MALLOC='system')
+
+  def run(*args, module='stgcn_jax.train'):
+    out = subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300, env=env)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+    return out.stderr
+
+  base = str(ROOT / 'configs' / 'base.py')
+  workdir = f'--workdir={tmp_path / "w"}'
+  assert ("error: --config.optim.lr: the config has no field 'lr'; configs are locked"
+          in run('--config', base, workdir, '--config.optim.lr=0.1'))
+  assert "error: --config.nosuch: the config has no field 'nosuch'" in run('--config', base, workdir,
+                                                                          '--config.nosuch=1')
+  assert 'error: flag --config.batch_size=abc: invalid literal' in run('--config', base, workdir,
+                                                                       '--config.batch_size=abc')
+  assert (f'error: --config {tmp_path / "missing.py"}: no such config file'
+          in run('--config', str(tmp_path / 'missing.py'), workdir))
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  assert (f'error: --config={tmp_path / "broken.py"}: the config file or an override failed (SyntaxError: '
+          in run(f'--config={tmp_path / "broken.py"}', workdir))
+  assert not (tmp_path / 'w').exists()
+  assert (f'error: --config {tmp_path / "missing.py"}: no such config file'
+          in run('--checkpoint', str(tmp_path), '--config', str(tmp_path / 'missing.py'), module='stgcn_jax.test'))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(ann_file, tmp_path):
@@ -290,6 +372,50 @@ def test_two_processes_match_one_process_with_eight_devices(ann_file, tmp_path):
     assert p.returncode == 0, out[-3000:]
   np.testing.assert_allclose([v for _, v in _losses(workdir)], [v for _, v in _losses(ref)], rtol=1e-5)
   assert [s for s, _ in _losses(workdir)] == [s for s, _ in _losses(ref)]
+
+
+def test_partial_multi_process_flags_are_refused(monkeypatch, tmp_path):
+  for var in sharding_lib.CLUSTER_VARS + ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(var, raising=False)
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: called.append(kw))
+  cases = [((None, 2, 1), r'^--num_processes=2 --process_id=1 also needs --coordinator_address: '),
+           (('127.0.0.1:1234', None, None), r'^--coordinator_address=127.0.0.1:1234 also needs --num_processes and '
+                                            r'--process_id: '),
+           ((None, None, 3), r'^--process_id=3 also needs --coordinator_address and --num_processes'),
+           (('127.0.0.1:1234', 2, 2), r'--process_id=2 must be at least 0 and below --num_processes=2'),
+           (('127.0.0.1:1234', 0, 0), r'--num_processes=0 must be at least 1'),
+           (('localhost', 2, 0), r"--coordinator_address='localhost' must be HOST:PORT")]
+  for args, message in cases:
+    with pytest.raises(ValueError, match=message):
+      sharding_lib.maybe_initialize_distributed(*args)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
+  with pytest.raises(ValueError, match=r'^JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 also needs --num_processes'):
+    sharding_lib.maybe_initialize_distributed()
+  assert called == []
+  # A single process, or all three (here from flags and variables together), go through.
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  sharding_lib.maybe_initialize_distributed(None, 1, 0)
+  sharding_lib.maybe_initialize_distributed()
+  assert called == []
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  sharding_lib.maybe_initialize_distributed('127.0.0.1:1234', 2)
+  assert called == [dict(coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)]
+  # In a cluster environment jax.distributed.initialize() fills in what the flags leave out.
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  sharding_lib.maybe_initialize_distributed(None, None, None)
+  assert called[-1] == dict(coordinator_address=None, num_processes=None, process_id=None)
+
+  # On the command line: status 2 and the message, before anything is written.
+  monkeypatch.delenv('SLURM_NTASKS')
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', STGCN_JAX_HOST_MALLOC='system')
+  out = subprocess.run([sys.executable, '-m', 'stgcn_jax.train', '--config', str(ROOT / 'configs' / 'demo.py'),
+                        f'--workdir={tmp_path / "w"}', '--num_processes=2', '--process_id=1'],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'error: --num_processes=2 --process_id=1 also needs --coordinator_address' in out.stderr
+  assert not (tmp_path / 'w').exists()
 
 
 def test_train_step_traces_once_and_bfloat16_keeps_float32_state(ann_file):

@@ -52,13 +52,13 @@ import json
 import logging
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stgcn_jax import files
 from stgcn_jax.graph import Layout, get_layout
 from stgcn_jax.safe_pickle import load_pickle
 
@@ -419,7 +419,7 @@ def _build_cache(source: Path, fingerprint: str, dirs: list[Path]) -> tuple[_Fil
   for directory in dirs:
     try:
       directory.mkdir(parents=True, exist_ok=True)
-      fd, tmp_kp = tempfile.mkstemp(dir=directory, prefix=f'.{source.name}.', suffix='.kp.npy.tmp')
+      fd, tmp_kp = files.mkstemp(dir=directory, prefix=f'.{source.name}.', suffix='.kp.npy.tmp')
       os.close(fd)
     except OSError:
       continue

@@ -41,12 +41,13 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stgcn_jax import files
 
 __all__ = ['DEMO_CLASSES', 'DEMO_VERSION', 'DEMO_SPLITS', 'LAYOUTS_BY_KIND', 'generate_demo_dataset',
            'ensure_demo_dataset', 'default_demo_path', 'is_current_demo_file', 'demo_sample']
@@ -517,7 +518,7 @@ def generate_demo_dataset(path: str | os.PathLike, kind: str = '2d', *, seed: in
           'demo_meta': _meta(kind, seed, num_train, num_val, min_frames, max_frames)}
   path = Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  fd, tmp = files.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
       pickle.dump(data, f, protocol=4)
