@@ -7,9 +7,10 @@ On first use the run writes ``data/demo/demo_2d.pkl`` (relative to the working d
 96 validation sequences in the NTU annotation format. The model is the recipe's STGCN++ (10 stages, 64 base
 channels), trained from scratch for 250 steps (5 epochs) of 16 clips of 24 frames.
 
-Expected top-1 (10-clip test on the validation split): 90.6 (validation 1-clip top-1 by step: 42.7 at 50, 66.7
-at 100, 82.3 at 150, 92.7 at 200, 90.6 at 250). Time: 260 s from start to the end of the test on an idle 2-core
-CPU (4 min 24 s for the whole command); 830 s on a shared, busy one.
+Expected top-1 (10-clip test on the validation split): 91.7 (validation 1-clip top-1 by step: 52.1 at 50, 51.0
+at 100, 83.3 at 150, 90.6 at 200, 91.7 at 250). Time: 2 min 52 s for the whole command on a 2-core AMD EPYC
+shared with a test run; before the channels-first training layout, 260 s from start to the end of the test on
+the idle 2-core machine of the README's Speed runs A–E (90.6 top-1), 830 s on a shared, busy one.
 """
 
 from configs import base
