@@ -46,9 +46,9 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENC
 def cosine_schedule(lr: float, total_steps: int, final_lr: float = 0.0) -> optax.Schedule:
   """mmengine ``CosineAnnealingLR(eta_min=0, by_epoch=False)``: ``lr_t = final + (lr - final)(1 + cos(πt/T))/2``.
 
-  Computed as ``(lr - final) · sin²(π(T − t)/(2T))``, the same value, with the steps left ``T − t`` counted in
-  integers: in float32, ``1 + cos(πt/T)`` cancels near the end of training (at ``T − t = 10`` of 25056 steps
-  it was 1.4% off), while the sine of the small angle keeps float32's relative accuracy at every step.
+  Computed as ``final + (lr - final) · sin²(π(T − t)/(2T))``, the same value, with the steps left ``T − t``
+  counted in integers: in float32, ``1 + cos(πt/T)`` cancels near the end of training (at ``T − t = 10`` of 25056
+  steps it was 1.4% off), while the sine of the small angle keeps float32's relative accuracy at every step.
   """
   def schedule(step):
     left = total_steps - jnp.clip(step, 0, total_steps)
