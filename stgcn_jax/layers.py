@@ -111,12 +111,12 @@ def batch_norm(x: Array, scale: Array, bias: Array, mean: Array, var: Array, *, 
   out_dtype = x.dtype
   stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
   x = x.astype(stat_dtype)
-  bshape = (-1,) + (1,) * (x.ndim - 1) if first else (-1,)   # per-channel vectors, broadcast against x
   scale, bias = scale.astype(stat_dtype), bias.astype(stat_dtype)
   if not train:
     inv = jax.lax.rsqrt(var.astype(stat_dtype) + BN_EPS) * scale
     shift = bias - mean.astype(stat_dtype) * inv
-    return (x * inv.reshape(bshape) + shift.reshape(bshape)).astype(out_dtype), None
+    per_channel = lambda v: _per_channel(v, x.ndim, channel_axis)
+    return (x * per_channel(inv) + per_channel(shift)).astype(out_dtype), None
   sample_axis = 1 if first else 0
   if x.shape[sample_axis] % groups:
     raise ValueError(f'BatchNorm: sample axis {x.shape[sample_axis]} is not divisible into {groups} statistics '
@@ -127,12 +127,13 @@ def batch_norm(x: Array, scale: Array, bias: Array, mean: Array, var: Array, *, 
   c = x.shape[channel_axis]
   if first:
     xg = x.reshape(c, -1) if groups == 1 else x.reshape(c, groups, -1)            # (C, [G,] rows)
-    axis, pshape = -1, (c,) + (1,) * (xg.ndim - 1)
+    axis = -1
   else:
     xg = x.reshape(-1, c) if groups == 1 else x.reshape(groups, -1, c)            # ([G,] rows, C)
-    axis, pshape = -2, (c,)
+    axis = -2
   n = xg.shape[axis]
-  y, batch_mean, batch_var = _normalize_batch(xg, scale.reshape(pshape), bias.reshape(pshape), axis)
+  y, batch_mean, batch_var = _normalize_batch(xg, _per_channel(scale, xg.ndim, channel_axis),
+                                              _per_channel(bias, xg.ndim, channel_axis), axis)
   unbiased = batch_var * (n / max(n - 1, 1))                   # statistics: xg's shape with ``axis`` kept as 1
   stats = tuple(s.reshape(-1, c).mean(axis=0) if not first else s.reshape(c, -1).mean(axis=1)
                 for s in (batch_mean, unbiased))

@@ -198,7 +198,8 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, *, k: 
   else:
     class_names = (meta.get('class_names') or labels_lib.class_names(cfg.num_classes)
                    or [f'class {i}' for i in range(cfg.num_classes)])
-  x, names = load_inputs(input_path, layout=cfg.layout, feat=feat or meta.get('feat'), split=split, num_clips=num_clips, num_person=cfg.num_person)
+  x, names = load_inputs(input_path, layout=cfg.layout, feat=feat or meta.get('feat'), split=split,
+                         num_clips=num_clips, num_person=cfg.num_person)
   check_input(x, model, meta, str(input_path))
   logits, probs = predict_arrays(model, x)
   result = PredictResult(logits, probs, names, list(class_names), top_k(probs, k, list(class_names)))

@@ -26,6 +26,7 @@ step and per evaluation), TensorBoard events in ``tb/``, and after the test ``te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -553,8 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if not (math.isfinite(float(m['loss'])) and math.isfinite(float(m['param_norm']))):
         what = 'loss' if not math.isfinite(float(m['loss'])) else 'parameter update'
         raise NonFiniteLossError(
-            f'the training {what} became non-finite (loss {float(m["loss"])}) at step {s + 1} (window of steps {first + 1}..'
-            f'{pending[-1][0] + 1}); the last checkpoint (step {mngr.latest_step()}) is intact. Lower '
+            f'the training {what} became non-finite (loss {float(m["loss"])}) at step {s + 1} (window of steps '
+            f'{first + 1}..{pending[-1][0] + 1}); the last checkpoint (step {mngr.latest_step()}) is intact. Lower '
             'config.optim.base_lr, check the input data for extreme values, or use config.dtype=float32')
     pending[:] = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, fetched)]
 
@@ -577,14 +578,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     t_window, n_window = time.perf_counter(), 0
     return record
 
-  class _Paused:
+  @contextlib.contextmanager
+  def paused():
     """Leaves the time spent inside (evaluations, saves) out of the window's samples/s."""
-    def __enter__(self):
-      self.start = time.perf_counter()
-    def __exit__(self, *exc):
-      nonlocal t_window
-      t_window += time.perf_counter() - self.start
-  paused = _Paused()
+    nonlocal t_window
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      t_window += time.perf_counter() - start
 
   with _SignalFlag() as signals, _FinishSavesOnError(mngr):
     while step < stop_step:
@@ -606,14 +608,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       metrics_for_ckpt = None
       if eval_now:
         fetch_pending()
-        with paused:
+        with paused():
           _, val = evaluate(val_ds, config.data.val_clips)
         results['val'] = val
         writer.write(step, {f'val_{k}': v for k, v in val.items()} | {'epoch': epoch})
         logger.info('epoch %d step %d: val %s', epoch, step, _fmt(val))
         metrics_for_ckpt = {'val_top1': val['top1']}
       if save_now or eval_now or step == stop_step:
-        with paused:
+        with paused():
           save(step, metrics_for_ckpt)
       check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0 or save_now
       if check_signal and _agree(signals.signum) and step < stop_step:
