@@ -255,7 +255,15 @@ def temporal_taps(x: Array, kernel_size: int, *, stride: int, dilation: int, pad
 
 
 class TemporalConv(nnx.Module):
-  """A ``(kernel_size, 1)`` convolution over frames with bias, dilation and stride (a ``unit_tcn`` conv)."""
+  """A ``(kernel_size, 1)`` convolution over frames with bias, dilation and stride (a ``unit_tcn`` conv).
+
+  Two exact formulations, one per layout. Channels first (training) concatenates the ``kernel_size`` shifted
+  views (:func:`temporal_taps`) and multiplies by the stacked kernel once; the gradient is then plain pads and
+  adds. Channels last (evaluation) multiplies first, to every tap's output channels at once, then adds the
+  taps' results shifted in time: XLA fuses the shifts and adds into the next layer's elementwise work instead
+  of writing the padded input and its ``kernel_size``-wide concatenation (2D inference about 7% faster on a
+  2-core CPU; no faster for training).
+  """
 
   def __init__(self, c_in: int, c_out: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -265,16 +273,33 @@ class TemporalConv(nnx.Module):
     self.kernel_size, self.stride, self.dilation, self.dtype = kernel_size, stride, dilation, dtype
 
   def __call__(self, x: Array, *, channel_axis: int = -1) -> Array:
-    if self.kernel_size == 1:
-      taps = [_every(x, self.stride, _time_axis(channel_axis))]
-    else:
-      taps = temporal_taps(x, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                           channel_axis=channel_axis)
+    axis = _time_axis(channel_axis)
     kt, c_in, c_out = self.kernel[...].shape
-    xs = jnp.concatenate(taps, axis=channel_axis).astype(self.dtype)   # K_t·C_in channels, tap-major
-    w = self.kernel[...].reshape(kt * c_in, c_out).astype(self.dtype)
-    y = channel_matmul(xs, w, channel_axis)
+    x = x.astype(self.dtype)
+    if channel_axis == -1 and kt > 1:
+      y = self._shifted_products(x)
+    else:
+      taps = [_every(x, self.stride, axis)] if kt == 1 else temporal_taps(
+          x, kt, stride=self.stride, dilation=self.dilation, channel_axis=channel_axis)
+      xs = jnp.concatenate(taps, axis=channel_axis)              # K_t·C_in channels, tap-major
+      y = channel_matmul(xs, self.kernel[...].reshape(kt * c_in, c_out).astype(self.dtype), channel_axis)
     return y + _per_channel(self.bias[...].astype(self.dtype), y.ndim, channel_axis)
+
+  def _shifted_products(self, x: Array) -> Array:
+    """Channels last, without bias: ``z = x @ [W_0 … W_{K-1}]``, then ``y[t] = Σ_k z_k[t + k·dilation − pad]``
+    (zero outside the clip, as the zero-padded input gives), every ``stride``-th frame."""
+    kt, c_in, c_out = self.kernel[...].shape
+    t = x.shape[1]
+    pad = (self.dilation * (kt - 1)) // 2
+    t_full = t + 2 * pad - self.dilation * (kt - 1)            # output frames at stride 1
+    w = self.kernel[...].astype(self.dtype).transpose(1, 0, 2).reshape(c_in, kt * c_out)   # columns k·C_out + c
+    y = None
+    for k, zk in enumerate(split_channels(channel_matmul(x, w), (c_out,) * kt)):
+      s = k * self.dilation - pad                              # frame t reads z_k[t + s]
+      zk = jnp.pad(zk, [(0, 0), (max(0, -s), max(0, s + t_full - t)), (0, 0), (0, 0)])
+      zk = jax.lax.slice_in_dim(zk, max(0, s), max(0, s) + t_full, axis=1)
+      y = zk if y is None else y + zk
+    return _every(y, self.stride, 1)
 
 
 def max_pool_time(x: Array, *, stride: int, channel_axis: int = -1) -> Array:

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from stgcn_jax import graph
-from stgcn_jax.layers import MSTCN, BatchNorm, UnitGCN, aggregate_joints, max_pool_time, split_channels
+from stgcn_jax.layers import (MSTCN, BatchNorm, TemporalConv, UnitGCN, aggregate_joints, max_pool_time,
+                              split_channels)
 
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 
@@ -181,6 +182,30 @@ def test_batch_norm_channels_first_matches_channels_last(groups, train):
   _close(loss(first, x, 0), loss(last, x, -1), rtol=1e-13)
   with pytest.raises(ValueError, match='channel_axis must be 0 or -1'):
     first(x, train=train, channel_axis=1)
+
+
+def _conv_reference(m: TemporalConv, x):
+  """The ``(K, 1)`` convolution as ``lax.conv_general_dilated`` on channels-last ``(B, T, V, C)``, symmetric
+  zero padding ``dilation·(K − 1) // 2`` like PyTorch's."""
+  kt = m.kernel.shape[0]
+  pad = m.dilation * (kt - 1) // 2
+  y = jax.lax.conv_general_dilated(x, m.kernel[...][:, None], (m.stride, 1), [(pad, pad), (0, 0)],
+                                   rhs_dilation=(m.dilation, 1), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   precision=jax.lax.Precision.HIGHEST)
+  return y + m.bias[...]
+
+
+@LAYOUTS
+@pytest.mark.parametrize('kernel_size, stride, dilation, t', [
+    (3, 1, 1, 8), (3, 2, 1, 9), (3, 1, 4, 7), (3, 2, 3, 8), (9, 1, 1, 12), (9, 2, 1, 11), (4, 1, 1, 8),
+    (4, 2, 3, 9), (3, 1, 4, 2), (1, 1, 1, 5), (1, 2, 1, 5)])
+def test_temporal_conv_matches_conv_general_dilated(kernel_size, stride, dilation, t, channel_axis):
+  m = TemporalConv(3, 5, kernel_size, stride=stride, dilation=dilation, rngs=nnx.Rngs(0), **F64)
+  x = _rand(20, (2, t, 4, 3))
+  t_out = _conv_reference(m, x).shape[1]
+  ct = _rand(21, (2, t_out, 4, 5))
+  fast = lambda m, x: _back(m(_to(x, channel_axis), channel_axis=channel_axis), channel_axis)
+  _fast_matches_reference(m, x, ct, fast, _conv_reference, seed=22)
 
 
 def _mstcn_reference(m: MSTCN, x, train: bool, groups: int):
