@@ -261,8 +261,8 @@ class TemporalConv(nnx.Module):
   views (:func:`temporal_taps`) and multiplies by the stacked kernel once; the gradient is then plain pads and
   adds. Channels last (evaluation) multiplies first, to every tap's output channels at once, then adds the
   taps' results shifted in time: XLA fuses the shifts and adds into the next layer's elementwise work instead
-  of writing the padded input and its ``kernel_size``-wide concatenation (2D inference about 7% faster on a
-  2-core CPU; no faster for training).
+  of writing the padded input and its ``kernel_size``-wide concatenation (inference 3–9% faster in 2D and 5–10%
+  in 3D on a 2-core CPU; training was not faster this way).
   """
 
   def __init__(self, c_in: int, c_out: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
@@ -287,19 +287,21 @@ class TemporalConv(nnx.Module):
 
   def _shifted_products(self, x: Array) -> Array:
     """Channels last, without bias: ``z = x @ [W_0 … W_{K-1}]``, then ``y[t] = Σ_k z_k[t + k·dilation − pad]``
-    (zero outside the clip, as the zero-padded input gives), every ``stride``-th frame."""
+    (zero outside the clip, as the zero-padded input gives), every ``stride``-th frame. ``z`` and the sum are in
+    at least float32, as a matmul over all the taps at once accumulates."""
     kt, c_in, c_out = self.kernel[...].shape
     t = x.shape[1]
     pad = (self.dilation * (kt - 1)) // 2
     t_full = t + 2 * pad - self.dilation * (kt - 1)            # output frames at stride 1
     w = self.kernel[...].astype(self.dtype).transpose(1, 0, 2).reshape(c_in, kt * c_out)   # columns k·C_out + c
+    z = jnp.dot(x.reshape(-1, c_in), w, preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
     y = None
-    for k, zk in enumerate(split_channels(channel_matmul(x, w), (c_out,) * kt)):
+    for k, zk in enumerate(split_channels(z.reshape(*x.shape[:-1], kt * c_out), (c_out,) * kt)):
       s = k * self.dilation - pad                              # frame t reads z_k[t + s]
       zk = jnp.pad(zk, [(0, 0), (max(0, -s), max(0, s + t_full - t)), (0, 0), (0, 0)])
       zk = jax.lax.slice_in_dim(zk, max(0, s), max(0, s) + t_full, axis=1)
       y = zk if y is None else y + zk
-    return _every(y, self.stride, 1)
+    return _every(y, self.stride, 1).astype(self.dtype)
 
 
 def max_pool_time(x: Array, *, stride: int, channel_axis: int = -1) -> Array:
