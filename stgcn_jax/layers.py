@@ -24,9 +24,11 @@ Kernels are stored as ``(C_in, C_out)`` for a 1×1 conv and ``(K_t, C_in, C_out)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,53 @@ def _kaiming_normal_fan_out(fan_out: int):
   def init(key, shape, dtype):
     return std * jax.random.normal(key, shape, dtype)
   return init
+
+
+class DerivedWeights:
+  """The arrays that layers derive from their parameters in a forward pass (re-ordered kernels, concatenated
+  branch kernels, biases carried through the graph), kept within :func:`derived_weights`."""
+
+  def __init__(self):
+    self._values: dict[tuple[int, str], Any] = {}
+    self._frozen = False
+
+  def freeze(self) -> None:
+    """From now on keep nothing new: a weight not derived yet is derived in place at every use (it may belong to
+    the trace of a loop body, which must not leak out of it)."""
+    self._frozen = True
+
+  def get(self, owner: Any, name: str, derive: Callable[[], Any]) -> Any:
+    key = (id(owner), name)
+    if key in self._values:
+      return self._values[key]
+    value = derive()
+    if not self._frozen:
+      self._values[key] = value
+    return value
+
+
+_DERIVED: contextvars.ContextVar[DerivedWeights | None] = contextvars.ContextVar('stgcn_jax_derived', default=None)
+
+
+@contextlib.contextmanager
+def derived_weights() -> Iterator[DerivedWeights]:
+  """Within this scope every layer derives its weights once, in its first forward pass, and reuses them after.
+
+  For inference in micro-batches (:class:`stgcn_jax.model.Recognizer`): the first micro-batch runs outside
+  ``lax.map`` and derives the weights, the cache is frozen, and the loop's body reads them as loop invariants.
+  Otherwise every micro-batch would derive them again: XLA:CPU does not hoist those copies out of the loop.
+  """
+  token = _DERIVED.set(DerivedWeights())
+  try:
+    yield _DERIVED.get()
+  finally:
+    _DERIVED.reset(token)
+
+
+def _derived(owner: Any, name: str, derive: Callable[[], Any]) -> Any:
+  """``derive()``, the weights ``owner`` derives under ``name``: reused within :func:`derived_weights`."""
+  cache = _DERIVED.get()
+  return derive() if cache is None else cache.get(owner, name, derive)
 
 
 # --------------------------------------------------------------------------------------------------- layers
@@ -293,7 +342,8 @@ class TemporalConv(nnx.Module):
     t = x.shape[1]
     pad = (self.dilation * (kt - 1)) // 2
     t_full = t + 2 * pad - self.dilation * (kt - 1)            # output frames at stride 1
-    w = self.kernel[...].astype(self.dtype).transpose(1, 0, 2).reshape(c_in, kt * c_out)   # columns k·C_out + c
+    w = _derived(self, 'taps_side_by_side', lambda: self.kernel[...].astype(self.dtype).transpose(1, 0, 2).reshape(
+        c_in, kt * c_out))                                     # (C_in, K_t·C_out), columns k·C_out + c
     z = jnp.dot(x.reshape(-1, c_in), w, preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
     y = None
     for k, zk in enumerate(split_channels(z.reshape(*x.shape[:-1], kt * c_out), (c_out,) * kt)):
@@ -428,19 +478,23 @@ class UnitGCN(nnx.Module):
       return a + self.PA[...]
     return a
 
-  def __call__(self, x: Array, *, train: bool, groups: int = 1, channel_axis: int = -1) -> Array:
-    c_in = x.shape[channel_axis]
+  def _aggregated_conv(self, a: Array, channel_axis: int) -> tuple[Array, Array]:
+    """The ``'pre'`` conv's kernel with rows ``k·C_in + c`` and its bias carried through the aggregation."""
     k = self.num_subsets
-    a = self.adjacency().astype(self.dtype)                    # (K, V, W)
+    c_in = self.conv.kernel.shape[0]
+    kernel = self.conv.kernel[...].astype(self.dtype).reshape(c_in, k, self.c_out)
+    kernel = kernel.transpose(1, 0, 2).reshape(k * c_in, self.c_out)
+    bias = jnp.einsum('kvw,kc->wc', a, self.conv.bias[...].astype(self.dtype).reshape(k, self.c_out))
+    return kernel, (bias.T[:, None, None, :] if channel_axis == 0 else bias)     # per target joint
+
+  def __call__(self, x: Array, *, train: bool, groups: int = 1, channel_axis: int = -1) -> Array:
+    a = _derived(self, 'adjacency', lambda: self.adjacency().astype(self.dtype))   # (K, V, W)
     # Aggregate first, then convolve, for both conv positions: for 'pre',
     #   Σ_k A_kᵀ (x W_k + b_k) = Σ_k (A_kᵀ x) W_k + Σ_k colsum(A_k) b_kᵀ,
     # the same result with the graph product on C_in channels instead of K·C_out.
     xa = aggregate_joints(x.astype(self.dtype), a, channel_axis)   # K·C_in channels, K-major
     if self.conv_pos == 'pre':
-      kernel = self.conv.kernel[...].astype(self.dtype).reshape(c_in, k, self.c_out)
-      kernel = kernel.transpose(1, 0, 2).reshape(k * c_in, self.c_out)              # rows k·C_in + c
-      bias = jnp.einsum('kvw,kc->wc', a, self.conv.bias[...].astype(self.dtype).reshape(k, self.c_out))
-      bias = bias.T[:, None, None, :] if channel_axis == 0 else bias                # per target joint
+      kernel, bias = _derived(self, f'aggregated_conv{channel_axis}', lambda: self._aggregated_conv(a, channel_axis))
       y = channel_matmul(xa, kernel, channel_axis) + bias
     else:
       y = self.conv(xa, channel_axis=channel_axis)
@@ -548,8 +602,9 @@ class MSTCN(nnx.Module):
     fuse_1x1 = self.branch_1x1.stride == 1
     if fuse_1x1:
       convs.append(self.branch_1x1)
-    kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=1).astype(dtype)
-    bias = jnp.concatenate([c.bias[...] for c in convs]).astype(dtype)
+    kernel, bias = _derived(self, f'branch_convs{fuse_1x1}', lambda: (
+        jnp.concatenate([c.kernel[...] for c in convs], axis=1).astype(dtype),
+        jnp.concatenate([c.bias[...] for c in convs]).astype(dtype)))
     h = channel_matmul(x.astype(dtype), kernel, ax) + _per_channel(bias, x.ndim, ax)   # Σ widths channels
     bns = [branch.bn for branch in self.branches]
     widths = [bn.num_features for bn in bns]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stgcn_jax import graph as graph_lib
+from stgcn_jax import layers
 from stgcn_jax.layers import MSTCN, BatchNorm, Dtype, UnitGCN, UnitTCN, dropout
 
 Array = jax.Array
@@ -223,7 +224,8 @@ class Recognizer(nnx.Module):
     ``micro_batch`` (eval only): run the samples through the network that many at a time, one micro-batch
     after another within the same computation, with the same result. ``'auto'`` picks
     :func:`auto_micro_batch`. On the CPU, micro-batches whose activations fit in the cache run about 20%
-    faster than the whole batch at once; on accelerators the whole batch is faster.
+    faster than the whole batch at once; on accelerators the whole batch is faster. The first micro-batch runs
+    before the loop and derives the layers' re-ordered kernels once for all (:func:`layers.derived_weights`).
     """
     if x.ndim != 5:
       raise ValueError(f'expected keypoints (N, M, T, V, C), got shape {x.shape}')
@@ -238,7 +240,12 @@ class Recognizer(nnx.Module):
         micro_batch = auto_micro_batch(x.shape)
       chunk = n if micro_batch is None else _divisor_at_most(n, micro_batch)
       if chunk < n:
-        return jax.lax.map(self, x.reshape((n // chunk, chunk) + x.shape[1:])).reshape(n, -1)
+        # The first micro-batch, outside the loop, derives every layer's weights; the loop's body reuses them.
+        with layers.derived_weights() as derived:
+          first = self(x[:chunk])
+          derived.freeze()
+          rest = jax.lax.map(self, x[chunk:].reshape((n // chunk - 1, chunk) + x.shape[1:]))
+        return jnp.concatenate([first, rest.reshape(n - chunk, -1)])
     keys = (None, None) if rng is None else tuple(jax.random.split(rng))
     feat = self.backbone(x, train=train, groups=bn_groups, rng=keys[0])
     return self.cls_head(feat, train=train, rng=keys[1])

@@ -325,6 +325,52 @@ def test_micro_batches_give_the_whole_batch_result():
       model(x, micro_batch=bad)
 
 
+def test_micro_batches_derive_each_layers_weights_once(monkeypatch):
+  """The first micro-batch derives the layers' weights before the loop and the loop's body reuses them; the
+  result and its parameter gradient are the whole batch's."""
+  from stgcn_jax import layers
+  cfg = ModelConfig(layout='coco', num_classes=7, base_channels=12, num_stages=4, inflate_stages=(3,),
+                    down_stages=(3,))
+  model = build_model(cfg, seed=1)
+  x = jax.random.normal(jax.random.key(5), (4, 2, 12, 17, 3))
+  derived = []
+
+  def aggregated_conv(self, *args):
+    kernel, bias = original(self, *args)
+    derived.append((id(self), isinstance(kernel, jax.core.Tracer)))
+    return kernel, bias
+
+  original = layers.UnitGCN._aggregated_conv
+  monkeypatch.setattr(layers.UnitGCN, '_aggregated_conv', aggregated_conv)
+  whole = jax.jit(lambda x: model(x))(x)
+  assert len(derived) == 4                               # one per block
+  derived.clear()
+  micro = model(x, micro_batch=1)    # 4 micro-batches: the first runs eagerly and derives, 3 in the traced loop
+  assert len({owner for owner, _ in derived}) == 4 and not any(traced for _, traced in derived), derived
+  np.testing.assert_allclose(np.asarray(micro), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda params, micro_batch: jnp.sum(jnp.sin(nnx.merge(graphdef, params, rest)(x, micro_batch=micro_batch)))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  for a, b in zip(jax.tree.leaves(grad(params, 1)), jax.tree.leaves(grad(params, None)), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_derived_weights_scope():
+  from stgcn_jax import layers
+  calls = []
+  derive = lambda: calls.append(1) or len(calls)
+  owner = object()
+  assert layers._derived(owner, 'w', derive) == 1 and layers._derived(owner, 'w', derive) == 2   # no scope
+  with layers.derived_weights() as cache:
+    assert layers._derived(owner, 'w', derive) == 3 and layers._derived(owner, 'w', derive) == 3
+    assert layers._derived(object(), 'w', derive) == 4 and layers._derived(owner, 'v', derive) == 5
+    cache.freeze()
+    assert layers._derived(owner, 'w', derive) == 3                   # kept before freezing
+    assert layers._derived(owner, 'u', derive) == 6 and layers._derived(owner, 'u', derive) == 7   # not kept
+  assert layers._derived(owner, 'w', derive) == 8
+
+
 def test_auto_micro_batch():
   from stgcn_jax.model import MICRO_BATCH_ROWS, auto_micro_batch
   assert auto_micro_batch((16, 2, 100, 17, 3), 'cpu') == MICRO_BATCH_ROWS // 3400 == 2
