@@ -602,7 +602,7 @@ class MSTCN(nnx.Module):
     fuse_1x1 = self.branch_1x1.stride == 1
     if fuse_1x1:
       convs.append(self.branch_1x1)
-    kernel, bias = _derived(self, f'branch_convs{fuse_1x1}', lambda: (
+    kernel, bias = _derived(self, 'branch_convs', lambda: (
         jnp.concatenate([c.kernel[...] for c in convs], axis=1).astype(dtype),
         jnp.concatenate([c.bias[...] for c in convs]).astype(dtype)))
     h = channel_matmul(x.astype(dtype), kernel, ax) + _per_channel(bias, x.ndim, ax)   # Σ widths channels
