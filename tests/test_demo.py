@@ -13,9 +13,8 @@ from stgcn_jax import train
 from stgcn_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-# The shortened 2D demo: 100 steps of 16 clips of 16 frames (the demo: 250 steps of 24 frames). Measured:
-# val top-1 47.9, 2-clip test 45.8 (chance 12.5); 100 s on a shared 2-core CPU.
-# 150 steps: at 100 the outcome of so short a run is mostly chance. Runs that differ only by float32 round-off
+# The shortened 2D demo: 150 steps of 16 clips of 16 frames (the demo: 250 steps of 24 frames); chance is 12.5%.
+# Not 100 steps: there the outcome of so short a run is mostly chance. Runs that differ only by float32 round-off
 # (the same model trained channels first or channels last) part ways within ten steps, and at 100 steps seeds
 # 0, 1, 2 gave 31-60% validation top-1; at 150 steps 60-79%.
 SHORT = dict(num_train=800, num_val=48, clip_len=16, train_repeat=1, epochs=3, min_top1=35.0)
